@@ -1,0 +1,213 @@
+"""NF4Weight: a 4-bit weight in bitsandbytes' exact layout, and quantize_nf4 that makes one."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from qlora.codebook import dynamic_map, nf4_codebook
+from qlora.kernels import matmul
+from qlora.kernels.dequantize import dequantize_nf4
+from qlora.kernels.quantize import NESTED_BLOCKSIZE, check_blocksize, quantize_absmax, quantize_nf4_blocks
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """A blockwise NF4-quantised tensor, stored exactly as bitsandbytes stores it.
+
+    packed: uint8 [(numel+1)//2, 1], two codes per byte, element 2i in the high nibble.
+    absmax: uint8 [n_blocks] codes with double quantisation, else float32 [n_blocks].
+    nested_absmax, nested_code, offset: the double quantisation's float32 scales
+    [ceil(n_blocks/256)], its 256-entry dynamic map and the mean that was subtracted.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_map: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    nested_code: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    def __post_init__(self):
+        if self.quant_map is None:
+            object.__setattr__(self, "quant_map", nf4_codebook().to(self.packed.device))
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    @property
+    def double_quant(self) -> bool:
+        return self.nested_absmax is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def n_blocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of everything that must be stored: codes, scales and tables."""
+        return sum(t.numel() * t.element_size() for t in self._tensors().values())
+
+    @property
+    def bits_per_param(self) -> float:
+        """Bits per parameter of the codes and block scales (tables, shared by all weights, left out)."""
+        data = self.packed.numel() * 8 + self.absmax.numel() * self.absmax.element_size() * 8
+        if self.double_quant:
+            data += self.nested_absmax.numel() * 32
+        return data / self.numel
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {"packed": self.packed, "absmax": self.absmax, "quant_map": self.quant_map}
+        if self.double_quant:
+            tensors.update(nested_absmax=self.nested_absmax, nested_code=self.nested_code, offset=self.offset)
+        return tensors
+
+    def to(self, device) -> NF4Weight:
+        return replace(self, **{k: v.to(device) for k, v in self._tensors().items()})
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight in dtype (default: the original dtype), bit-identical to bitsandbytes."""
+        out = dequantize_nf4(
+            self.packed, self.absmax, self.quant_map, self.numel, self.blocksize, dtype or self.dtype,
+            self.nested_absmax, self.nested_code, self.offset,
+        )
+        return out.view(self.shape)
+
+    def quant_state_json(self) -> dict:
+        state = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
+                 "shape": list(self.shape)}
+        if self.double_quant:
+            state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
+                         nested_offset=float(self.offset))
+        return state
+
+    def state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The bitsandbytes / Hugging Face keys of a linear at `prefix` (e.g. "model.layers.0.mlp.up_proj")."""
+        key = f"{prefix}.weight" if prefix else "weight"
+        blob = json.dumps(self.quant_state_json()).encode("utf-8")
+        out = {
+            key: self.packed,
+            f"{key}.absmax": self.absmax,
+            f"{key}.quant_map": self.quant_map,
+        }
+        if self.double_quant:
+            out[f"{key}.nested_absmax"] = self.nested_absmax
+            out[f"{key}.nested_quant_map"] = self.nested_code
+        out[f"{key}.{QUANT_STATE_KEY}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        return out
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "") -> NF4Weight:
+        """Inverse of state_dict: reads qlora's or bitsandbytes' keys for the linear at `prefix`."""
+        key = f"{prefix}.weight" if prefix else "weight"
+        missing = [k for k in (key, f"{key}.absmax", f"{key}.{QUANT_STATE_KEY}") if k not in state_dict]
+        if missing:
+            raise KeyError(f"{key}: not an NF4 weight, missing {', '.join(missing)}")
+        blob = state_dict[f"{key}.{QUANT_STATE_KEY}"]
+        try:
+            state = json.loads(bytes(blob.to("cpu", torch.uint8).tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{key}.{QUANT_STATE_KEY}: not valid UTF-8 JSON ({err})") from None
+        if state.get("quant_type") != "nf4":
+            raise ValueError(f"{key}: quant_type {state.get('quant_type')!r} is not supported, only 'nf4'")
+        if state.get("dtype") not in _DTYPES_BY_NAME:
+            raise ValueError(f"{key}: unsupported original dtype {state.get('dtype')!r}")
+        double_quant = "nested_blocksize" in state
+        weight = cls(
+            packed=state_dict[key],
+            absmax=state_dict[f"{key}.absmax"],
+            shape=tuple(state["shape"]),
+            dtype=_DTYPES_BY_NAME[state["dtype"]],
+            blocksize=int(state["blocksize"]),
+            quant_map=state_dict.get(f"{key}.quant_map"),
+            nested_absmax=state_dict[f"{key}.nested_absmax"] if double_quant else None,
+            nested_code=state_dict[f"{key}.nested_quant_map"] if double_quant else None,
+            offset=torch.tensor(state["nested_offset"], dtype=torch.float32) if double_quant else None,
+            nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
+        )
+        weight.validate(key)
+        return weight
+
+    def validate(self, name: str = "weight") -> None:
+        """Raise ValueError naming the tensor if the parts do not fit together."""
+        check_blocksize(self.blocksize)
+        expect = {"packed": ((self.numel + 1) // 2, torch.uint8),
+                  "absmax": (self.n_blocks, torch.uint8 if self.double_quant else torch.float32),
+                  "quant_map": (16, torch.float32)}
+        if self.double_quant:
+            expect["nested_absmax"] = (-(-self.n_blocks // self.nested_blocksize), torch.float32)
+            expect["nested_code"] = (256, torch.float32)
+        for part, (numel, dtype) in expect.items():
+            tensor = getattr(self, part)
+            if tensor.numel() != numel or tensor.dtype != dtype:
+                raise ValueError(
+                    f"{name}.{part}: expected {numel} values of {dtype} for shape {list(self.shape)} "
+                    f"and blocksize {self.blocksize}, got {tuple(tensor.shape)} of {tensor.dtype}"
+                )
+
+
+def quantize_nf4(
+    w: torch.Tensor,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    *,
+    name: str = "weight",
+    allow_nonfinite: bool = False,
+) -> NF4Weight:
+    """Quantise a float32 / bfloat16 / float16 tensor of any shape to NF4 (bitsandbytes bytes)."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name}: dtype {w.dtype} of shape {list(w.shape)} is not supported; "
+                        "use float32, bfloat16 or float16")
+    if w.numel() == 0:
+        raise ValueError(f"{name}: shape {list(w.shape)} has no elements")
+    check_blocksize(blocksize)
+    if not allow_nonfinite and not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name}: shape {list(w.shape)} holds {bad} NaN/Inf values")
+    packed, absmax = quantize_nf4_blocks(w.detach(), blocksize)
+    fields = dict(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize)
+    if double_quant:
+        codes, nested_absmax, offset = quantize_absmax(absmax)
+        fields.update(absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map().to(w.device), offset=offset)
+    return NF4Weight(**fields)
+
+
+def _kernel_args(w: NF4Weight) -> tuple:
+    out_features, in_features = w.shape
+    return (w.packed, w.absmax, w.quant_map, out_features, in_features, w.blocksize,
+            w.nested_absmax, w.nested_code, w.offset)
+
+
+def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) for x [..., in] with W a 2-D NF4Weight [out, in]."""
+    if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x: shape {list(x.shape)} does not fit a weight of shape {list(w.shape)} "
+                         f"(the last dimension must be {w.shape[-1]})")
+    return matmul.nf4_linear(x, *_kernel_args(w), bias=bias)
+
+
+def nf4_linear_grad_input(grad_out: torch.Tensor, w: NF4Weight) -> torch.Tensor:
+    """grad_out @ W for grad_out [..., out]: the input gradient of nf4_linear."""
+    if len(w.shape) != 2 or grad_out.shape[-1] != w.shape[0]:
+        raise ValueError(f"grad_out: shape {list(grad_out.shape)} does not fit a weight of shape "
+                         f"{list(w.shape)} (the last dimension must be {w.shape[0]})")
+    return matmul.nf4_linear_grad_input(grad_out, *_kernel_args(w))
