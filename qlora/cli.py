@@ -1,0 +1,53 @@
+"""The `qlora` command: quantize, inspect, finetune, bench-memory.
+
+Each subcommand lives in its own module, which provides add_arguments(parser) and
+run(args) -> exit code; this file only wires them up.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "quantize": ("qlora.quantize_checkpoint", "quantise a checkpoint to NF4 offline (bitsandbytes / HF layout)"),
+    "inspect": ("qlora.checkpoint_info", "list a checkpoint's tensors, formats, sizes and bits per parameter"),
+    "finetune": ("qlora.finetune", "fine-tune a 4-bit model with LoRA adapters"),
+    "bench-memory": ("qlora.memory", "predict (and on a GPU measure) training memory by component"),
+}
+
+
+class UserError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qlora", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as err:
+            if err.name != module_name:
+                raise
+            continue  # a subcommand not built yet
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except UserError as err:
+        print(f"qlora {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"qlora {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
