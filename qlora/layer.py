@@ -1,0 +1,331 @@
+"""QuantLoRALinear: a frozen NF4 weight plus trainable LoRA adapters, a drop-in for nn.Linear.
+
+y = x W^T + b + scale * dropout(x) A^T B^T, with W held in bitsandbytes' 4-bit layout and
+scale = alpha / r (alpha / sqrt(r) with rsLoRA). The module's state dict uses the keys a
+transformers + bitsandbytes checkpoint uses (`weight`, `weight.absmax`, ...), and the adapters
+are `lora_A` / `lora_B` submodules as in PEFT, so their keys read `...lora_A.weight`.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
+
+# Buffer name of each NF4Weight field. Buffers (not parameters) so .to(device) moves them and
+# the optimiser never sees them; non-persistent because _save_to_state_dict writes them under
+# bitsandbytes' dotted keys, which buffer names cannot hold.
+_WEIGHT_BUFFERS = {
+    "packed": "weight",
+    "absmax": "weight_absmax",
+    "quant_map": "weight_quant_map",
+    "nested_absmax": "weight_nested_absmax",
+    "nested_code": "weight_nested_quant_map",
+    "offset": "weight_offset",
+}
+
+
+class _NF4Linear(torch.autograd.Function):
+    """x @ W^T + b for a frozen NF4 W. Backward needs only W, so nothing is saved but the 4-bit
+    buffers the module holds anyway: no dequantised W lives between forward and backward."""
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, absmax, quant_map, nested_absmax, nested_code, offset, layout):
+        weight = _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layout)
+        ctx.layout = layout
+        ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_code, offset)
+        return nf4_linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = _as_nf4(*ctx.saved_tensors, ctx.layout)
+            grad_x = nf4_linear_grad_input(grad_out, weight)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None, None, None, None, None, None
+
+
+def _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layout) -> NF4Weight:
+    shape, dtype, blocksize, nested_blocksize = layout
+    return NF4Weight(packed=packed, absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize,
+                     quant_map=quant_map, nested_absmax=nested_absmax, nested_code=nested_code,
+                     offset=offset, nested_blocksize=nested_blocksize)
+
+
+def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (which keeps updates stable as r grows)."""
+    if r <= 0:
+        return 0.0
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+class QuantLoRALinear(nn.Module):
+    """Frozen NF4 linear plus LoRA. r = 0 means no adapter (a plain 4-bit linear)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        r: int = 16,
+        alpha: float = 32,
+        dropout: float = 0.0,
+        bias: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        use_rslora: bool = False,
+        *,
+        weight: NF4Weight | None = None,
+        adapter_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if compute_dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.compute_dtype = compute_dtype
+        if weight is None:
+            # nn.Linear's own initialisation, quantised: a fresh layer behaves like a fresh nn.Linear.
+            init = torch.empty(self.out_features, self.in_features, dtype=compute_dtype, device=device)
+            nn.init.kaiming_uniform_(init, a=math.sqrt(5))
+            weight = quantize_nf4(init, blocksize, double_quant)
+        for name in _WEIGHT_BUFFERS.values():
+            self.register_buffer(name, None, persistent=False)
+        self._set_weight(weight)
+        if bias:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
+            init_bias = torch.empty(self.out_features, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
+            self.bias = nn.Parameter(init_bias, requires_grad=False)  # part of the frozen base
+        else:
+            self.register_parameter("bias", None)
+        self.merged = False
+        self._original_weight: NF4Weight | None = None  # the bytes merge() replaced
+        self._adapter_disabled = False
+        self.add_adapter(r, alpha, dropout, use_rslora, dtype=adapter_dtype)
+
+    # ---- construction ----------------------------------------------------------------------
+
+    @classmethod
+    def from_nf4(cls, weight: NF4Weight, bias: torch.Tensor | None = None, **kwargs) -> QuantLoRALinear:
+        """A layer around an existing NF4Weight [out, in] (e.g. read from a checkpoint)."""
+        if len(weight.shape) != 2:
+            raise ValueError(f"weight: expected a 2-D [out, in] NF4Weight, got shape {list(weight.shape)}")
+        out_features, in_features = weight.shape
+        if bias is not None and tuple(bias.shape) != (out_features,):
+            raise ValueError(f"bias: shape {list(bias.shape)} does not fit a weight of shape {list(weight.shape)}")
+        layer = cls(in_features, out_features, bias=False, weight=weight, **kwargs)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().to(weight.device), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, blocksize: int = 64, double_quant: bool = True,
+                    **kwargs) -> QuantLoRALinear:
+        """Quantise an nn.Linear's weight to NF4 (in its own dtype and on its device)."""
+        weight = quantize_nf4(linear.weight.detach(), blocksize, double_quant, name="linear.weight")
+        return cls.from_nf4(weight, linear.bias, **kwargs)
+
+    def add_adapter(self, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                    dtype: torch.dtype = torch.float32) -> None:
+        """(Re)create the adapters: A Kaiming-uniform (a = sqrt 5), B zeros, so the output is unchanged."""
+        if r < 0:
+            raise ValueError(f"r must be >= 0, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if self.merged:
+            raise RuntimeError("unmerge() before replacing the adapter")
+        self.r, self.alpha, self.use_rslora = int(r), alpha, use_rslora
+        self.scaling = lora_scale(self.r, alpha, use_rslora)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if self.r == 0:
+            self.lora_A = self.lora_B = None
+            return
+        device = self.weight.device
+        self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    # ---- the NF4 weight held as buffers ----------------------------------------------------------
+
+    def _set_weight(self, weight: NF4Weight) -> None:
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight: shape {list(weight.shape)} does not fit a layer with "
+                             f"out_features={self.out_features}, in_features={self.in_features}")
+        for field, name in _WEIGHT_BUFFERS.items():
+            self._buffers[name] = getattr(weight, field)
+        self.weight_dtype = weight.dtype
+        self.blocksize = weight.blocksize
+        self.nested_blocksize = weight.nested_blocksize
+
+    @property
+    def nf4_weight(self) -> NF4Weight:
+        """The base weight as an NF4Weight sharing this module's buffers."""
+        return _as_nf4(*self._weight_tensors(), self._layout())
+
+    def _weight_tensors(self) -> tuple:
+        return tuple(self._buffers[name] for name in _WEIGHT_BUFFERS.values())
+
+    def _layout(self) -> tuple:
+        return (self.out_features, self.in_features), self.weight_dtype, self.blocksize, self.nested_blocksize
+
+    @property
+    def double_quant(self) -> bool:
+        return self._buffers["weight_nested_absmax"] is not None
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() must move the 4-bit buffers but never cast them:
+        # absmax and the tables are float32 by definition of the format.
+        quantised = {name: self._buffers.pop(name) for name in _WEIGHT_BUFFERS.values()}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in quantised.items():
+                if tensor is not None:
+                    moved = fn(tensor)
+                    tensor = moved if moved.dtype == tensor.dtype else tensor.to(moved.device)
+                self._buffers[name] = tensor
+        if self._original_weight is not None and self.weight is not None:
+            self._original_weight = self._original_weight.to(self.weight.device)
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, tensor in self.nf4_weight.state_dict(prefix[:-1]).items():
+            destination[key] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        ours = {k[len(prefix):]: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
+        rest = {k: v for k, v in state_dict.items() if not (k == key or k.startswith(key + "."))}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if not ours:
+            missing_keys.append(key)
+            return
+        try:
+            weight = NF4Weight.from_state_dict(ours)
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                raise ValueError(f"{key}: shape {list(weight.shape)} in the checkpoint, the layer is "
+                                 f"[{self.out_features}, {self.in_features}]")
+        except (KeyError, ValueError) as err:
+            error_msgs.append(str(err).strip("'\""))
+            return
+        current = self.weight.device
+        assign = local_metadata.get("assign_to_params_buffers", False) or current.type == "meta"
+        self._set_weight(weight if assign else weight.to(current))
+        self.merged, self._original_weight = False, None
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"x: dtype {x.dtype} of shape {list(x.shape)} is not supported by {self._name()}; "
+                            "use float32, bfloat16 or float16")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: shape {list(x.shape)} does not fit {self._name()}: "
+                             f"the last dimension must be {self.in_features}")
+
+    def _name(self) -> str:
+        return f"QuantLoRALinear(in_features={self.in_features}, out_features={self.out_features})"
+
+    @property
+    def adapter_active(self) -> bool:
+        return self.r > 0 and not self.merged and not self._adapter_disabled
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        # One cast shared by the base and the adapter; the result goes back to x's dtype, as
+        # bitsandbytes' Linear4bit does, so fp32 residual streams stay fp32.
+        h = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        out = _NF4Linear.apply(h, bias, *self._weight_tensors(), self._layout())
+        if self.adapter_active:
+            lora_a = self.lora_A.weight.to(self.compute_dtype)
+            lora_b = self.lora_B.weight.to(self.compute_dtype)
+            down = F.linear(self.lora_dropout(h), lora_a).reshape(-1, self.r)
+            # addmm adds B's product into the base output inside the GEMM: no extra [M, out] temporary.
+            out = torch.addmm(out.reshape(-1, self.out_features), down, lora_b.t(), alpha=self.scaling)
+            out = out.view(*x.shape[:-1], self.out_features)
+        return out.to(x.dtype)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Run the base layer alone inside the block."""
+        if self.merged:
+            raise RuntimeError("disable_adapter() on a merged layer: unmerge() first")
+        previous, self._adapter_disabled = self._adapter_disabled, True
+        try:
+            yield self
+        finally:
+            self._adapter_disabled = previous
+
+    # ---- merging and export ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scale * B @ A: what the adapter adds to W."""
+        if self.r == 0:
+            return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.weight.device)
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+
+    @torch.no_grad()
+    def merge(self) -> dict[str, float]:
+        """Fold the adapter into the 4-bit weight (dequantise, add, requantise) and report what the
+        requantisation lost: errors of the new 4-bit W against W + scale*B@A, next to the size of the
+        update itself (an update far below the NF4 step is mostly lost). unmerge() undoes it exactly."""
+        if self.r == 0:
+            raise RuntimeError("merge(): this layer has no adapter (r=0)")
+        if self.merged:
+            raise RuntimeError("merge(): already merged")
+        original = self.nf4_weight
+        delta = self.delta_weight(torch.float32)
+        target = original.dequantize(torch.float32) + delta
+        merged = quantize_nf4(target.to(original.dtype), original.blocksize, original.double_quant,
+                              name="merged weight")
+        error = merged.dequantize(torch.float32) - target
+        self._original_weight = original
+        self._set_weight(replace(merged, nested_blocksize=original.nested_blocksize))
+        self.merged = True
+        return {
+            "max_abs_error": float(error.abs().max()),
+            "rms_error": float(error.pow(2).mean().sqrt()),
+            "delta_rms": float(delta.pow(2).mean().sqrt()),
+        }
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the exact 4-bit bytes merge() replaced."""
+        if not self.merged:
+            raise RuntimeError("unmerge(): not merged")
+        self._set_weight(self._original_weight.to(self.weight.device))
+        self._original_weight, self.merged = None, False
+
+    @torch.no_grad()
+    def merged_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
+        """A plain nn.Linear holding W + scale*B@A computed in full precision: the lossless export."""
+        base = self._original_weight if self.merged else self.nf4_weight
+        weight = base.dequantize(torch.float32) + self.delta_weight(torch.float32)
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=weight.device, dtype=dtype)
+        linear.weight.copy_(weight)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, "
+                f"alpha={self.alpha}, use_rslora={self.use_rslora}, bias={self.bias is not None}, "
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}, merged={self.merged}")
