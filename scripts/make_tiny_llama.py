@@ -60,7 +60,7 @@ GENERATION_CONFIG = {
 
 # The tokenizer is trivial (UTF-8 bytes are the ids), so a description is all it needs.
 TOKENIZER_CONFIG = {
-    "tokenizer_class": "qlora.ByteTokenizer",
+    "tokenizer_class": "qlora.tokenizer.ByteTokenizer",
     "description": "byte-level: token id = UTF-8 byte value (0-255); then special tokens",
     "byte_vocab_size": N_BYTES,
     "bos_token": "<s>",
