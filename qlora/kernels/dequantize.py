@@ -1,9 +1,17 @@
-"""NF4 dequantisation, nested absmax decoded on the way: w = table[code] * absmax, in float32."""
+"""NF4 dequantisation, nested absmax decoded on the way: w = table[code] * absmax, in float32.
+
+The Triton kernel and its two helpers (_mul_rn, _block_scales) are shared with the matmul kernels,
+which decode weight tiles the same way so that every path sees the same weights.
+"""
 from __future__ import annotations
 
 import torch
 
+from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
 from qlora.kernels.quantize import NESTED_BLOCKSIZE, REFERENCE_CHUNK
+
+import triton
+import triton.language as tl
 
 
 def dequantize_absmax_reference(
@@ -42,6 +50,122 @@ def dequantize_nf4_reference(
     return out
 
 
+@triton.jit
+def _mul_rn(a, b, ON_GPU: tl.constexpr):
+    # a * b rounded to float32 on its own. On the GPU the explicit `.rn` keeps ptxas from contracting
+    # it with a following add into one FMA (one rounding instead of two): bitsandbytes rounds twice.
+    if ON_GPU:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _round_to(x, dtype: tl.constexpr, ON_GPU: tl.constexpr):
+    # float32 -> dtype, rounding to nearest even. The GPU's cvt does that; the interpreter truncates
+    # to bfloat16, so there it is done by hand on the bits (weights are finite: no NaN case needed).
+    if (not ON_GPU) and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, mask,
+                  DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
+    """float32 absmax of the blocks (int64 indices of any shape); with double quantisation decoded
+    here, in registers: code2[q8[b]] * absmax2[b // 256] + offset."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        code = tl.load(nested_code_ptr + q)
+        scale = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return _mul_rn(code, scale, ON_GPU) + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
+                       out_ptr, numel, n_blocks,
+                       BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
+    # A [blocks, bytes-of-a-block] tile: one scale per row, broadcast along it.
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    block_mask = blocks < n_blocks
+    byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0)
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, block_mask,
+                          DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+    # High nibble is element 2i, low nibble 2i+1: interleaving restores the order.
+    hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
+    lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
+    w = tl.interleave(hi, lo) * scale[:, None]
+    elem_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    tl.store(out_ptr + elem_idx, _round_to(w, out_ptr.dtype.element_ty, ON_GPU), mask=elem_idx < numel)
+
+
+# Bytes of packed input per program: 4096 outputs, enough to keep HBM busy, few enough to fill the SMs.
+DEQUANT_TILE_BYTES = 2048
+
+
+def _flat_f32(t: torch.Tensor, device) -> torch.Tensor:
+    return t.reshape(-1).to(device=device, dtype=torch.float32)
+
+
+def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
+                          nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
+    """Triton version of dequantize_nf4: one launch, the nested absmax decoded inside it."""
+    device = packed.device
+    packed = packed.reshape(-1)
+    out = torch.empty(numel, dtype=dtype, device=device)
+    if numel == 0:
+        return out
+    n_blocks = -(-numel // blocksize)
+    double_quant = nested_absmax is not None
+    if double_quant:
+        nested_absmax, nested_code, offset = (_flat_f32(t, device) for t in (nested_absmax, nested_code, offset))
+    else:
+        absmax = _flat_f32(absmax, device)
+        nested_absmax = nested_code = offset = absmax  # unused placeholders
+    per_program = max(1, DEQUANT_TILE_BYTES // (blocksize // 2))
+    grid = (triton.cdiv(n_blocks, per_program),)
+    _dequantize_kernel[grid](
+        packed, absmax.reshape(-1), nested_absmax, nested_code, offset, _flat_f32(quant_map, device), out,
+        numel, n_blocks, BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, DOUBLE_QUANT=double_quant,
+        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(packed), num_warps=4,
+    )
+    return out
+
+
+def _dequantize_nf4_eager(packed, absmax, quant_map, numel, blocksize, dtype,
+                          nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
+    if backend.use_triton(packed):
+        return dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
+                                     nested_absmax, nested_code, offset)
+    if nested_absmax is not None:
+        absmax = dequantize_absmax_reference(absmax, nested_absmax, nested_code, offset)
+    return dequantize_nf4_reference(packed, absmax, quant_map, numel, blocksize, dtype)
+
+
+@torch.library.custom_op(
+    "qlora::dequantize_nf4", mutates_args=(),
+    schema="(Tensor packed, Tensor absmax, Tensor quant_map, int numel, int blocksize, ScalarType dtype, "
+           "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset) -> Tensor",
+)
+def _dequantize_nf4_op(packed, absmax, quant_map, numel, blocksize, dtype, nested_absmax, nested_code, offset):
+    return _dequantize_nf4_eager(packed, absmax, quant_map, numel, blocksize, dtype,
+                                 nested_absmax, nested_code, offset)
+
+
+@_dequantize_nf4_op.register_fake
+def _(packed, absmax, quant_map, numel, blocksize, dtype, nested_absmax, nested_code, offset):
+    return packed.new_empty(numel, dtype=dtype)
+
+
 def dequantize_nf4(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -54,7 +178,8 @@ def dequantize_nf4(
     offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dispatching entry point: flat [numel] weights from the bitsandbytes layout. With
-    nested_absmax given, absmax holds the uint8 codes of the double quantisation."""
-    if nested_absmax is not None:
-        absmax = dequantize_absmax_reference(absmax, nested_absmax, nested_code, offset)
-    return dequantize_nf4_reference(packed, absmax, quant_map, numel, blocksize, dtype)
+    nested_absmax given, absmax holds the uint8 codes of the double quantisation.
+    Triton on CUDA tensors, the reference on CPU (see backend.py); a torch.library op, so
+    torch.compile keeps it in the graph."""
+    return torch.ops.qlora.dequantize_nf4(packed, absmax, quant_map, numel, blocksize, dtype,
+                                          nested_absmax, nested_code, offset)

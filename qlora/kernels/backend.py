@@ -1,0 +1,51 @@
+"""Which implementation runs an op: Triton for CUDA tensors, the torch reference for CPU ones.
+
+`QLORA_BACKEND=torch` forces the reference everywhere; `QLORA_BACKEND=triton` forces the Triton
+kernels, and on CPU tensors they run under the Triton interpreter (slow; for tests).
+
+The interpreter is chosen when a kernel is *defined* (`@triton.jit` reads TRITON_INTERPRET then),
+so it has to be switched on before the kernel modules are imported. This module is imported first
+by each of them and turns it on when there is no CUDA device: without a GPU the interpreter is the only
+way Triton kernels can run, so nothing is lost. (On a GPU machine, forcing Triton on CPU tensors needs
+TRITON_INTERPRET=1 set by hand, and then every kernel is interpreted.)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_CHOICES = ("", "torch", "triton")
+
+
+def _choice() -> str:
+    choice = os.environ.get("QLORA_BACKEND", "").strip().lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"QLORA_BACKEND={choice!r}: expected 'torch' or 'triton' (or unset)")
+    return choice
+
+
+_choice()  # fail early on a misspelt value
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Captured once: kernels defined from here on are interpreted iff this is true.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """True when the op on tensor t should run the Triton kernels."""
+    choice = _choice()
+    if choice == "torch":
+        return False
+    if choice == "triton" or t.is_cuda:
+        if not t.is_cuda and not INTERPRET:
+            raise RuntimeError("QLORA_BACKEND=triton on CPU tensors needs the Triton interpreter: set "
+                               "TRITON_INTERPRET=1 before qlora is imported")
+        return True
+    return False
+
+
+def on_gpu(t: torch.Tensor) -> bool:
+    """Compiled (not interpreted) Triton: the kernels may use PTX inline assembly."""
+    return t.is_cuda and not INTERPRET
