@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 
 from qlora.codebook import dynamic_map, nf4_thresholds
+from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
+
+import triton
+import triton.language as tl
 
 # Elements per chunk of the reference (a multiple of every allowed blocksize).
 REFERENCE_CHUNK = 1 << 22
@@ -80,11 +84,127 @@ def quantize_absmax_reference(
     return codes.view(-1)[:n].to(torch.uint8), nested_absmax, offset
 
 
-def quantize_nf4_blocks(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatching entry point: (packed, absmax) for a tensor of any shape."""
+@triton.jit
+def _quantize_kernel(x_ptr, thresholds_ptr, packed_ptr, absmax_ptr, numel, n_blocks,
+                     BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
+    # A [blocks, elements-of-a-block] tile: the row max is the block's absmax.
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    elem_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    # Elements past the end read as 0.0, as the reference pads: the pad nibble of an odd numel is code(0).
+    x = tl.load(x_ptr + elem_idx, mask=elem_idx < numel, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
+    # IEEE reciprocal (div.rn, not the approximate one): the thresholds are compared exactly.
+    # An all-zero block gets 1/0 = inf and y = 0 * inf = NaN, which exceeds no threshold: code 0.
+    y = x * tl.div_rn(tl.full([BLOCKS_PER_PROGRAM], 1.0, tl.float32), absmax)[:, None]
+    code = tl.zeros([BLOCKS_PER_PROGRAM, BLOCKSIZE], dtype=tl.int32)
+    for k in tl.static_range(15):
+        code += (y > tl.load(thresholds_ptr + k)).to(tl.int32)
+    # Element 2i to the high nibble, 2i+1 to the low one.
+    hi, lo = tl.split(tl.reshape(code, [BLOCKS_PER_PROGRAM, HALF, 2]))
+    byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    tl.store(packed_ptr + byte_idx, ((hi << 4) | lo).to(tl.uint8), mask=byte_idx < (numel + 1) // 2)
+    tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
+
+
+# Elements per program of the quantise kernel (a [blocks, blocksize] tile).
+QUANT_TILE = 4096
+
+
+def quantize_nf4_blocks_triton(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of quantize_nf4_blocks_reference: the same bytes, one launch."""
+    check_blocksize(blocksize)
+    x = x.reshape(-1).contiguous()
+    numel = x.numel()
+    n_blocks = -(-numel // blocksize)
+    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    if numel == 0:
+        return packed, absmax
+    per_program = max(1, QUANT_TILE // blocksize)
+    _quantize_kernel[(triton.cdiv(n_blocks, per_program),)](
+        x, nf4_thresholds().to(x.device), packed, absmax, numel, n_blocks,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, num_warps=4,
+    )
+    return packed, absmax
+
+
+@triton.jit
+def _quantize_absmax_kernel(absmax_ptr, offset_ptr, midpoints_ptr, codes_ptr, nested_absmax_ptr, n,
+                            NESTED_BLOCKSIZE: tl.constexpr):
+    # One program per 256-block of block scales.
+    pid = tl.program_id(0)
+    idx = pid.to(tl.int64) * NESTED_BLOCKSIZE + tl.arange(0, NESTED_BLOCKSIZE)
+    mask = idx < n
+    centered = tl.where(mask, tl.load(absmax_ptr + idx, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
+    scale = tl.max(tl.abs(centered), axis=0)
+    y = centered * tl.div_rn(1.0, scale)
+    # Nearest of the 256 map values = number of the 255 midpoints strictly below y (as bucketize):
+    # a binary search, 8 steps of 128, 64, ..., 1. NaN (a block of zeros) stays at code 0.
+    pos = tl.zeros([NESTED_BLOCKSIZE], dtype=tl.int32)
+    for i in tl.static_range(8):
+        step = 128 >> i
+        probe = tl.load(midpoints_ptr + pos + (step - 1))
+        pos = tl.where(probe < y, pos + step, pos)
+    tl.store(codes_ptr + idx, pos.to(tl.uint8), mask=mask)
+    tl.store(nested_absmax_ptr + pid, scale)
+
+
+def quantize_absmax_triton(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
+    """Triton version of quantize_absmax_reference: the mean in torch (a global reduction), then one launch."""
+    absmax = absmax.reshape(-1).to(torch.float32).contiguous()
+    n = absmax.numel()
+    offset = absmax.to(torch.float64).mean().to(torch.float32)
+    n_nested = -(-n // nested_blocksize)
+    codes = torch.empty(n, dtype=torch.uint8, device=absmax.device)
+    nested_absmax = torch.empty(n_nested, dtype=torch.float32, device=absmax.device)
+    code = dynamic_map().to(absmax.device)
+    midpoints = (code[1:] + code[:-1]) * 0.5
+    if n:
+        _quantize_absmax_kernel[(n_nested,)](absmax, offset, midpoints, codes, nested_absmax, n,
+                                             NESTED_BLOCKSIZE=nested_blocksize, num_warps=4)
+    return codes, nested_absmax, offset
+
+
+@torch.library.custom_op("qlora::quantize_nf4_blocks", mutates_args=(),
+                         schema="(Tensor x, int blocksize) -> (Tensor, Tensor)")
+def _quantize_nf4_blocks_op(x, blocksize):
+    if backend.use_triton(x):
+        return quantize_nf4_blocks_triton(x, blocksize)
     return quantize_nf4_blocks_reference(x, blocksize)
+
+
+@_quantize_nf4_blocks_op.register_fake
+def _(x, blocksize):
+    numel = x.numel()
+    return (x.new_empty((numel + 1) // 2, dtype=torch.uint8),
+            x.new_empty(-(-numel // blocksize), dtype=torch.float32))
+
+
+@torch.library.custom_op("qlora::quantize_absmax", mutates_args=(),
+                         schema="(Tensor absmax, int nested_blocksize) -> (Tensor, Tensor, Tensor)")
+def _quantize_absmax_op(absmax, nested_blocksize):
+    if backend.use_triton(absmax):
+        return quantize_absmax_triton(absmax, nested_blocksize)
+    return quantize_absmax_reference(absmax, nested_blocksize)
+
+
+@_quantize_absmax_op.register_fake
+def _(absmax, nested_blocksize):
+    n = absmax.numel()
+    return (absmax.new_empty(n, dtype=torch.uint8),
+            absmax.new_empty(-(-n // nested_blocksize), dtype=torch.float32),
+            absmax.new_empty((), dtype=torch.float32))
+
+
+def quantize_nf4_blocks(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatching entry point: (packed, absmax) for a tensor of any shape (see backend.py)."""
+    check_blocksize(blocksize)
+    packed, absmax = torch.ops.qlora.quantize_nf4_blocks(x, blocksize)
+    return packed, absmax
 
 
 def quantize_absmax(absmax: torch.Tensor, nested_blocksize: int = NESTED_BLOCKSIZE):
     """Dispatching entry point: (codes, nested_absmax, offset)."""
-    return quantize_absmax_reference(absmax, nested_blocksize)
+    codes, nested_absmax, offset = torch.ops.qlora.quantize_absmax(absmax, nested_blocksize)
+    return codes, nested_absmax, offset
