@@ -182,6 +182,7 @@ def read_tensors(headers: dict[str, TensorHeader], names: Iterable[str] | None =
             except Exception as err:  # safetensors raises its own error types; keep the names
                 raise CheckpointError(f"{file}: tensor {name}: cannot be read ({err})") from None
             yield name, tensor
+            del tensor  # or it stays alive while the next one is read: twice the memory
     finally:
         if handle is not None:
             handle.__exit__(None, None, None)

@@ -46,7 +46,6 @@ class QuantizeSummary:
     params_total: int = 0
     bytes_before: int = 0
     bytes_after: int = 0
-    quantized_bytes_before: int = 0
     quantized_bits: int = 0  # bits of the NF4 codes and scales of the quantised tensors
     skipped_modules: list[str] = field(default_factory=list)
     shards: int = 1
@@ -152,10 +151,11 @@ def _check_inputs(src: Path, dst: Path, blocksize, compute_dtype: str, device: s
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); "
                               "use --device cpu")
-    src_dir = src if src.is_dir() else src.parent
-    dst_abs, src_abs = dst.resolve(), src_dir.resolve()
-    if dst_abs == src_abs or dst_abs in src_abs.parents or (src.is_file() and dst_abs == src.resolve()):
+    dst_abs, src_abs = dst.resolve(), src.resolve()
+    if dst_abs == src_abs or dst_abs in src_abs.parents:
         raise CheckpointError(f"{dst}: the output would overwrite the source {src}; choose another DST")
+    if src.is_dir() and src_abs in dst_abs.parents:
+        raise CheckpointError(f"{dst}: the output would be inside the source directory {src}; choose another DST")
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists; pass --force to replace it")
 
@@ -181,35 +181,42 @@ def _progress_bar(total_bytes: int, n_tensors: int, enabled: bool):
                 desc=f"quantising 0/{n_tensors} tensors", dynamic_ncols=True)
 
 
-def _write_checkpoint(src: Path, out_dir: Path, headers: dict[str, TensorHeader], to_quantize: set[str],
-                      blocksize: int, double_quant: bool, device: str, allow_nonfinite: bool,
-                      max_shard_bytes: int, summary: QuantizeSummary, progress: bool) -> None:
+def _write_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, header: TensorHeader, quantize: bool,
+                  blocksize: int, double_quant: bool, device: str, allow_nonfinite: bool,
+                  summary: QuantizeSummary) -> None:
+    """Quantise (or copy) one tensor into the writer. A function of its own so that nothing of
+    this tensor outlives the call while the next one is read."""
+    summary.params_total += tensor.numel()
+    if not quantize:
+        writer.add({name: tensor})
+        summary.tensors_copied += 1
+        return
+    if tensor.dtype not in SUPPORTED_DTYPES:
+        raise CheckpointError(f"{header.file}: tensor {name}: dtype {tensor.dtype} of shape {list(tensor.shape)} "
+                              "cannot be quantised (float32, bfloat16 or float16 only); pass --skip to keep it")
+    if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(f"{header.file}: tensor {name}: shape {list(tensor.shape)} holds {bad} NaN/Inf "
+                              "values; pass --allow-nonfinite to quantise it anyway")
+    weight = quantize_nf4(tensor.to(device), blocksize, double_quant, name=name, allow_nonfinite=True).to("cpu")
+    writer.add(weight.state_dict(name[: -len(".weight")]))
+    summary.tensors_quantized += 1
+    summary.params_quantized += weight.numel
+    summary.quantized_bits += round(weight.bits_per_param * weight.numel)
+
+
+def _write_checkpoint(out_dir: Path, headers: dict[str, TensorHeader], to_quantize: set[str], blocksize: int,
+                      double_quant: bool, device: str, allow_nonfinite: bool, max_shard_bytes: int,
+                      summary: QuantizeSummary, progress: bool) -> None:
     writer = ShardWriter(out_dir, max_shard_bytes)
     bar = _progress_bar(sum(h.nbytes for h in headers.values()), len(headers), progress)
     try:
-        for done, (name, tensor) in enumerate(read_tensors(headers), start=1):
-            summary.params_total += tensor.numel()
-            summary.bytes_before += headers[name].nbytes
-            if name in to_quantize:
-                if tensor.dtype not in SUPPORTED_DTYPES:
-                    raise CheckpointError(f"{headers[name].file}: tensor {name}: dtype {tensor.dtype} of shape "
-                                          f"{list(tensor.shape)} cannot be quantised (float32, bfloat16 or float16 "
-                                          "only); pass --skip to keep it as it is")
-                if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
-                    bad = int((~torch.isfinite(tensor)).sum())
-                    raise CheckpointError(f"{headers[name].file}: tensor {name}: shape {list(tensor.shape)} holds "
-                                          f"{bad} NaN/Inf values; pass --allow-nonfinite to quantise it anyway")
-                weight = quantize_nf4(tensor.to(device), blocksize, double_quant, name=name,
-                                      allow_nonfinite=True).to("cpu")
-                writer.add(weight.state_dict(name[: -len(".weight")]))
-                summary.tensors_quantized += 1
-                summary.params_quantized += weight.numel
-                summary.quantized_bytes_before += headers[name].nbytes
-                summary.quantized_bits += round(weight.bits_per_param * weight.numel)
-            else:
-                writer.add({name: tensor})
-                summary.tensors_copied += 1
+        done = 0  # not enumerate(): its cached result tuple would keep the previous tensor alive
+        for name, tensor in read_tensors(headers):
+            _write_tensor(writer, name, tensor, headers[name], name in to_quantize, blocksize, double_quant,
+                          device, allow_nonfinite, summary)
             del tensor
+            done += 1
             bar.set_description(f"quantising {done}/{len(headers)} tensors", refresh=False)
             bar.update(headers[name].nbytes)
         weight_map = writer.close()
@@ -218,8 +225,10 @@ def _write_checkpoint(src: Path, out_dir: Path, headers: dict[str, TensorHeader]
         raise
     finally:
         bar.close()
-    summary.bytes_after = writer.total_bytes
-    summary.shards = len(set(weight_map.values()))
+    shards = set(weight_map.values())
+    summary.shards = len(shards)
+    summary.bytes_after = sum((out_dir / shard).stat().st_size for shard in shards)
+    summary.bytes_before = sum(file.stat().st_size for file in {h.file for h in headers.values()})
 
 
 def quantize_checkpoint(
@@ -263,7 +272,7 @@ def quantize_checkpoint(
     work_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     try:
         os.chmod(work_dir, 0o777 & ~_current_umask())  # mkdtemp makes it private; DST should not be
-        _write_checkpoint(src, work_dir, headers, set(to_quantize), blocksize, double_quant, device,
+        _write_checkpoint(work_dir, headers, set(to_quantize), blocksize, double_quant, device,
                           allow_nonfinite, max_shard_bytes, summary, progress)
         config["quantization_config"] = quantization_config(double_quant, compute_dtype, skipped_modules)
         (work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
