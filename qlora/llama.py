@@ -154,10 +154,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype: transformers' order of roundings.
+        # Normalise in float32, scale in the input dtype: transformers' order of roundings. The result
+        # keeps the input dtype even when prepare_model has made the weight float32, so the residual
+        # stream and lm_head (left in bf16) see one dtype.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return (self.weight * h.to(x.dtype)).to(x.dtype)
 
 
 class Attention(nn.Module):
