@@ -112,30 +112,30 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
 DEQUANT_TILE_BYTES = 2048
 
 
-def _flat_f32(t: torch.Tensor, device) -> torch.Tensor:
-    return t.reshape(-1).to(device=device, dtype=torch.float32)
+def weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset):
+    """Flat, on-device kernel arguments; placeholders for the unused nested tensors."""
+    device = packed.device
+    f32 = dict(device=device, dtype=torch.float32)
+    if nested_absmax is None:
+        absmax = absmax.reshape(-1).to(**f32)
+        nested_absmax = nested_code = offset = absmax
+    else:
+        absmax = absmax.reshape(-1).to(device)
+        nested_absmax, nested_code, offset = (t.reshape(-1).to(**f32) for t in (nested_absmax, nested_code, offset))
+    return packed.reshape(-1), absmax, nested_absmax, nested_code, offset, quant_map.reshape(-1).to(**f32)
 
 
 def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
                           nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
     """Triton version of dequantize_nf4: one launch, the nested absmax decoded inside it."""
-    device = packed.device
-    packed = packed.reshape(-1)
-    out = torch.empty(numel, dtype=dtype, device=device)
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
     if numel == 0:
         return out
     n_blocks = -(-numel // blocksize)
-    double_quant = nested_absmax is not None
-    if double_quant:
-        nested_absmax, nested_code, offset = (_flat_f32(t, device) for t in (nested_absmax, nested_code, offset))
-    else:
-        absmax = _flat_f32(absmax, device)
-        nested_absmax = nested_code = offset = absmax  # unused placeholders
     per_program = max(1, DEQUANT_TILE_BYTES // (blocksize // 2))
-    grid = (triton.cdiv(n_blocks, per_program),)
-    _dequantize_kernel[grid](
-        packed, absmax.reshape(-1), nested_absmax, nested_code, offset, _flat_f32(quant_map, device), out,
-        numel, n_blocks, BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, DOUBLE_QUANT=double_quant,
+    _dequantize_kernel[(triton.cdiv(n_blocks, per_program),)](
+        *weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset), out, numel, n_blocks,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(packed), num_warps=4,
     )
     return out

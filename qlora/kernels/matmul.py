@@ -1,9 +1,37 @@
-"""x @ W^T and g @ W with W in NF4: the forward and input gradient of every quantised layer."""
+"""x @ W^T and g @ W with W in NF4: the forward and input gradient of every quantised layer.
+
+W [N, K] (out_features, in_features) stays in bitsandbytes' bytes; both directions read them as
+they are (no transposed copy). Which kernel runs, for x with M rows (see also gemv.py):
+
+  K % blocksize != 0   blocks straddle rows: dequantise (Triton) then cuBLAS. Correct, not fused;
+                       real layers have in_features a multiple of 64.
+  M <= GEMV_MAX_M      gemv.py: CUDA cores, every 4-bit weight read once, split-K.
+  M <= SMALL_M         fused tiles (dequantise in registers, tl.dot) with BLOCK_M 16..64 and
+                       split-K: still one read of W, the tensor cores do the multiply-adds.
+  otherwise            fused tiles, 128 x 128.
+
+Why fused for large M rather than dequantise-to-scratch + cuBLAS (the issue allows either, by
+measurement): UNMEASURED here (no GPU in this session); chosen by REFERENCE section 7's physics.
+Dequantise + cuBLAS writes and reads a bf16 copy of W on top of cuBLAS's own time: about
+1 + 336/M of the bf16 time, 1.08x at M = 4096, over the 1.02x target even with a perfect
+dequantise. Fused tiles move only the 4-bit bytes, so their floor is the bf16 time; their risk is
+the in-register decode (~5 instructions per weight element per BLOCK_M rows of x) and Triton's
+matmul efficiency against cuBLAS. bench/kernels.py times both (the `dequant+cuBLAS` column) so that
+the first GPU run can confirm the rule or move the threshold.
+"""
 from __future__ import annotations
 
 import torch
 
-from qlora.kernels.dequantize import dequantize_nf4
+from qlora.kernels import backend
+from qlora.kernels.dequantize import _block_scales, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
+from qlora.kernels.gemv import GEMV_MAX_M, nf4_gemv_triton, split_k_for
+from qlora.kernels.quantize import NESTED_BLOCKSIZE
+
+import triton
+import triton.language as tl
+
+SMALL_M = 64
 
 
 def _dequantize_matrix(packed, absmax, quant_map, out_features, in_features, blocksize,
@@ -27,5 +55,271 @@ def nf4_linear_grad_input_reference(grad_out, packed, absmax, quant_map, out_fea
     return grad_out @ w
 
 
-nf4_linear = nf4_linear_reference
-nf4_linear_grad_input = nf4_linear_grad_input_reference
+@triton.jit
+def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
+            rows, k0, N, K, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+            NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
+    """W[rows, k0:k0+BLOCK_K] in float32, [len(rows), BLOCK_K].
+
+    Needs K % BLOCKSIZE == 0, BLOCK_K dividing BLOCKSIZE and k0 a multiple of BLOCK_K: then each
+    row of the tile lies in one quantisation block and needs one scale. Rows past N come back
+    finite (they are multiplied by masked zeros or not stored)."""
+    rows = rows.to(tl.int64)
+    row_mask = rows < N
+    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte_cols[None, :], mask=row_mask[:, None], other=0)
+    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                          (rows * K + k0) // BLOCKSIZE, row_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+    hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
+    lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
+    return tl.interleave(hi, lo) * scale[:, None]
+
+
+@triton.jit
+def _dot(a, b, acc, ON_GPU: tl.constexpr):
+    # The interpreter multiplies bfloat16 operands as their integer bits: give it the same values
+    # in float32 (exact). On the GPU: bf16 tensor-core MMA, float32 accumulation.
+    if (not ON_GPU) and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
+                       bias_ptr, out_ptr, M, N, K, k_per_split,
+                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                       DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # out[M, N] = x[M, K] @ W[N, K]^T, W dequantised tile by tile in registers. With SPLIT_K > 1,
+    # program (., s) sums k in [s * k_per_split, (s+1) * k_per_split) into float32 partials out[s].
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    # Grouped order: GROUP_M row-tiles of x share each W tile while it is in L2.
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (pid // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_n = (pid % width) // group_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    # K is a multiple of BLOCK_K (it is one of blocksize): no k masks.
+    for k0 in range(k_start, k_end, BLOCK_K):
+        a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
+        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
+                    rn, k0, N, K, BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        acc = _dot(a, tl.trans(_round_to(w, dtype, ON_GPU)), acc, ON_GPU)
+
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    if SPLIT_K > 1:
+        out = out_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :]
+        tl.store(out, acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU), mask=mask)
+
+
+@triton.jit
+def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                                  qmap_ptr, out_ptr, M, N, K,
+                                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                                  NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
+                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                                  GROUP_M: tl.constexpr):
+    # out[M, K] = g[M, N] @ W[N, K]: the same [rows of W, k] tiles as the forward, used untransposed.
+    pid = tl.program_id(0)
+    grid_m = tl.cdiv(M, BLOCK_M)
+    grid_k = K // BLOCK_K
+    width = GROUP_M * grid_k
+    first_m = (pid // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group_m
+    pid_k = (pid % width) // group_m
+
+    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    k0 = pid_k * BLOCK_K
+    rk = k0 + tl.arange(0, BLOCK_K)
+    dtype = g_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
+        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
+                    rn, k0, N, K, BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        acc = _dot(g, _round_to(w, dtype, ON_GPU), acc, ON_GPU)
+    tl.store(out_ptr + rm[:, None] * K + rk[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU),
+             mask=(rm < M)[:, None])
+
+
+def _fused_config(M: int, blocksize: int):
+    block_k = min(64, blocksize)
+    if M <= SMALL_M:
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+
+
+def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None, nested_code=None,
+                     offset=None, bias=None, split_k=None, config=None) -> torch.Tensor:
+    """out [M, N] = x2 [M, K] @ W^T (+ bias) with the fused kernel (K % blocksize == 0)."""
+    assert K % blocksize == 0, "fused tiles need whole blocks per row"
+    M = x2.shape[0]
+    cfg = dict(config or _fused_config(M, blocksize))
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    k_steps = K // cfg["BLOCK_K"]
+    if split_k is None:
+        split_k = split_k_for(tiles, k_steps, x2.device) if M <= SMALL_M else 1
+    split_k = max(1, min(split_k, k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * cfg["BLOCK_K"]
+    split_k = triton.cdiv(K, k_per_split)  # no empty splits
+    if split_k > 1:
+        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
+    _nf4_linear_kernel[(tiles, split_k)](
+        x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
+        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), GROUP_M=8, **cfg,
+    )
+    if split_k == 1:
+        return out
+    # Fixed-order sum of the partials: deterministic, unlike atomics.
+    out = out.sum(0)
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(x2.dtype)
+
+
+def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
+                                nested_code=None, offset=None, config=None) -> torch.Tensor:
+    """out [M, K] = g2 [M, N] @ W with the fused kernel (K % blocksize == 0)."""
+    assert K % blocksize == 0, "fused tiles need whole blocks per row"
+    M = g2.shape[0]
+    block_k = min(64, blocksize)
+    cfg = dict(config or (dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k,
+                               num_warps=4, num_stages=4) if M <= SMALL_M else
+                          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)))
+    out = torch.empty(M, K, dtype=g2.dtype, device=g2.device)
+    weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
+    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"]),)
+    _nf4_linear_grad_input_kernel[grid](
+        g2, *weights, out, M, N, K, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
+        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(g2), GROUP_M=8, **cfg,
+    )
+    return out
+
+
+def nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
+                              nested_code=None, offset=None, bias=None, transpose=False) -> torch.Tensor:
+    """Dequantise W with the Triton kernel, then cuBLAS: any K (blocks may straddle rows).
+    The caching allocator hands the same scratch block back call after call."""
+    w = dequantize_nf4_triton(packed, absmax, quant_map, N * K, blocksize, x2.dtype,
+                              nested_absmax, nested_code, offset).view(N, K)
+    return x2 @ w if transpose else torch.nn.functional.linear(x2, w, bias)
+
+
+def nf4_linear_triton(x, packed, absmax, quant_map, out_features, in_features, blocksize,
+                      nested_absmax=None, nested_code=None, offset=None, bias=None) -> torch.Tensor:
+    N, K = out_features, in_features
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        out = x2.new_empty(0, N)
+    elif K % blocksize:
+        out = nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize,
+                                        nested_absmax, nested_code, offset, bias)
+    elif M <= GEMV_MAX_M:
+        out = nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
+    else:
+        out = nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
+    return out.view(*x.shape[:-1], N)
+
+
+def nf4_linear_grad_input_triton(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
+                                 nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
+    N, K = out_features, in_features
+    g2 = grad_out.reshape(-1, N).contiguous()
+    if g2.shape[0] == 0:
+        out = g2.new_empty(0, K)
+    elif K % blocksize:
+        out = nf4_linear_dequant_matmul(g2, packed, absmax, quant_map, N, K, blocksize,
+                                        nested_absmax, nested_code, offset, transpose=True)
+    else:
+        out = nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize,
+                                          nested_absmax, nested_code, offset)
+    return out.view(*grad_out.shape[:-1], K)
+
+
+# torch.library ops: opaque to torch.compile (kept in the graph, no break) and differentiable in x
+# and bias (W is frozen). A layer's own autograd.Function may call them too.
+_WEIGHT_SCHEMA = ("Tensor packed, Tensor absmax, Tensor quant_map, int out_features, int in_features, "
+                  "int blocksize, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset")
+
+
+@torch.library.custom_op("qlora::nf4_linear", mutates_args=(),
+                         schema=f"(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias) -> Tensor")
+def _nf4_linear_op(x, packed, absmax, quant_map, out_features, in_features, blocksize,
+                   nested_absmax, nested_code, offset, bias):
+    impl = nf4_linear_triton if backend.use_triton(x) else nf4_linear_reference
+    return impl(x, packed, absmax, quant_map, out_features, in_features, blocksize,
+                nested_absmax, nested_code, offset, bias)
+
+
+@_nf4_linear_op.register_fake
+def _(x, packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset, bias):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+@torch.library.custom_op("qlora::nf4_linear_grad_input", mutates_args=(),
+                         schema=f"(Tensor grad_out, {_WEIGHT_SCHEMA}) -> Tensor")
+def _nf4_linear_grad_input_op(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
+                              nested_absmax, nested_code, offset):
+    impl = nf4_linear_grad_input_triton if backend.use_triton(grad_out) else nf4_linear_grad_input_reference
+    return impl(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
+                nested_absmax, nested_code, offset)
+
+
+@_nf4_linear_grad_input_op.register_fake
+def _(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset):
+    return grad_out.new_empty(*grad_out.shape[:-1], in_features)
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset, bias = inputs
+    ctx.weight = (packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.qlora.nf4_linear_grad_input(grad, *ctx.weight)
+    if ctx.has_bias and ctx.needs_input_grad[10]:
+        grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+    return grad_x, None, None, None, None, None, None, None, None, None, grad_bias
+
+
+_nf4_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksize,
+               nested_absmax=None, nested_code=None, offset=None, bias=None) -> torch.Tensor:
+    """Dispatching entry point: x [..., in] @ W^T (+ bias) -> [..., out], in x's dtype."""
+    return torch.ops.qlora.nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksize,
+                                      nested_absmax, nested_code, offset, bias)
+
+
+def nf4_linear_grad_input(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
+                          nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
+    """Dispatching entry point: grad_out [..., out] @ W -> [..., in], reading the same bytes."""
+    return torch.ops.qlora.nf4_linear_grad_input(grad_out, packed, absmax, quant_map, out_features, in_features,
+                                                 blocksize, nested_absmax, nested_code, offset)

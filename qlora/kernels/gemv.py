@@ -1,0 +1,111 @@
+"""x @ W^T for a few rows of x (decoding: M = 1..GEMV_MAX_M) on CUDA cores, W in NF4.
+
+At M = 1 the tensor cores have nothing to do: the time is the 4-bit bytes of W plus the decode.
+So each 4-bit weight is read once, looked up in the 16-entry table (one L1 line), multiplied by x
+and summed within its block; the block's scale is applied once per block, not once per weight.
+Too few output rows to fill the GPU are made up for by splitting K (float32 partials, summed in
+a fixed order: deterministic).
+"""
+from __future__ import annotations
+
+import torch
+
+from qlora.kernels import backend
+from qlora.kernels.dequantize import _block_scales, _round_to, weight_args
+from qlora.kernels.quantize import NESTED_BLOCKSIZE
+
+import triton
+import triton.language as tl
+
+# Up to this many rows the CUDA cores keep up (M fused multiply-adds per decoded weight);
+# beyond it matmul.py's tensor-core tiles take over.
+GEMV_MAX_M = 4
+
+
+def _sm_count(device) -> int:
+    # The interpreter pretends to a small machine so that small test shapes take the split-K paths.
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+
+
+def split_k_for(tiles: int, k_steps: int, device) -> int:
+    """Enough K splits for about four programs per SM, when the output alone has too few tiles."""
+    want = 4 * _sm_count(device)
+    return max(1, min(k_steps, -(-want // tiles))) if tiles < want else 1
+
+
+@triton.jit
+def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
+                     bias_ptr, out_ptr, M, N, K, k_per_split,
+                     M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                     NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
+    # Tiles: W bytes [BLOCK_N rows, BLOCKS_K blocks, bytes of a block]; x [M_PAD, BLOCKS_K, BLOCKSIZE].
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rm = tl.arange(0, M_PAD).to(tl.int64)
+    n_mask = rn < N
+    m_mask = rm < M
+    row_blocks = K // BLOCKSIZE
+    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    for k0 in range(k_start, k_end, BLOCKS_K * BLOCKSIZE):
+        kb = k0 // BLOCKSIZE + tl.arange(0, BLOCKS_K)
+        kb_mask = kb < row_blocks
+        w_mask = n_mask[:, None] & kb_mask[None, :]
+        byte_idx = (rn * (K // 2))[:, None, None] + (kb * HALF)[None, :, None] + tl.arange(0, HALF)[None, None, :]
+        byte = tl.load(packed_ptr + byte_idx, mask=w_mask[:, :, None], other=0)
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                              rn[:, None] * row_blocks + kb[None, :], w_mask,
+                              DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
+        lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
+        x_idx = (rm * K)[:, None, None] + (kb * BLOCKSIZE)[None, :, None] + tl.arange(0, BLOCKSIZE)[None, None, :]
+        x = tl.load(x_ptr + x_idx, mask=m_mask[:, None, None] & kb_mask[None, :, None], other=0.0).to(tl.float32)
+        # Even elements meet the high nibbles, odd ones the low nibbles.
+        x_even, x_odd = tl.split(tl.reshape(x, [M_PAD, BLOCKS_K, HALF, 2]))
+        block_dot = tl.sum(hi[None, :, :, :] * x_even[:, None, :, :] + lo[None, :, :, :] * x_odd[:, None, :, :], axis=3)
+        acc += tl.sum(block_dot * scale[None, :, :], axis=2)
+
+    mask = m_mask[:, None] & n_mask[None, :]
+    if SPLIT_K > 1:
+        tl.store(out_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU), mask=mask)
+
+
+def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None, nested_code=None,
+                    offset=None, bias=None, split_k=None, block_n=8) -> torch.Tensor:
+    """out [M, N] = x2 [M, K] @ W^T (+ bias) for M <= GEMV_MAX_M and K % blocksize == 0."""
+    M = x2.shape[0]
+    assert M <= GEMV_MAX_M and K % blocksize == 0
+    blocks_k = max(1, 256 // blocksize)  # >= 256 elements of each row per step
+    step = blocks_k * blocksize
+    k_steps = triton.cdiv(K, step)
+    tiles = triton.cdiv(N, block_n)
+    if split_k is None:
+        split_k = split_k_for(tiles, k_steps, x2.device)
+    split_k = max(1, min(split_k, k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * step
+    split_k = triton.cdiv(K, k_per_split)
+    if split_k > 1:
+        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x2.device)
+    else:
+        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
+    _nf4_gemv_kernel[(tiles, split_k)](
+        x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
+        M_PAD=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCKS_K=blocks_k, BLOCKSIZE=blocksize,
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, DOUBLE_QUANT=nested_absmax is not None,
+        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), num_warps=4,
+    )
+    if split_k == 1:
+        return out
+    out = out.sum(0)
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(x2.dtype)
