@@ -1,0 +1,631 @@
+"""PagedAdamW32bit: torch.optim.AdamW's update with float32 states in explicitly paged memory.
+
+Every parameter with state owns a range of one flat state space per device, aligned to the
+kernel's CHUNK. The space is cut into fixed-size pages, each a float32 [2, page_numel]
+tensor (row 0 exp_avg, row 1 exp_avg_sq) held either on the device ("resident") or in
+pinned host memory. A byte budget caps the device memory the pages hold. When the states
+do not fit, step() streams the host pages through a ring of device slots on a side stream,
+updates them there and writes them back, while the resident pages are updated in one launch.
+No CUDA managed memory anywhere: the driver never migrates anything behind our back.
+
+On the CPU the same page table runs with CPU tensors on both sides and the torch reference
+update, which is how the paging logic is tested without a GPU.
+"""
+from __future__ import annotations
+
+import bisect
+import math
+from itertools import chain
+from typing import Callable, Sequence
+
+import torch
+
+from qlora.kernels.adamw import (
+    CHUNK,
+    adamw_chunks_,
+    adamw_scalars,
+    adamw_update_reference,
+    grad_clip_factor,
+    make_chunks,
+    tensor_rows,
+)
+
+DEFAULT_PAGE_SIZE = 16 << 20  # bytes of state per page (both moments): 2M parameters
+STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each
+STREAM_SLOTS = 3               # device slots streamed pages pass through (2 would serialise compute)
+AUTO_RESERVE_FRACTION = 0.05   # "auto" leaves this much of the device free for activations
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _cuda_headroom(device: torch.device) -> int:
+    """Bytes a new allocation could get: free to the driver plus cached by torch's allocator."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+class Page:
+    __slots__ = ("device_data", "host_data", "last_used")
+
+    def __init__(self) -> None:
+        self.device_data: torch.Tensor | None = None  # authoritative when set
+        self.host_data: torch.Tensor | None = None    # authoritative when device_data is None
+        self.last_used = -1
+
+
+class PagedStates:
+    """The page table of one device: where each page lives, and the moves between the two sides.
+
+    budget: bytes of device memory the pages (and the streaming slots) may hold; "auto" to
+    follow the device's free memory (headroom() minus reserve); None for no limit.
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        page_numel: int,
+        budget: int | str | None = None,
+        *,
+        headroom: Callable[[], int] | None = None,
+        reserve: int | None = None,
+    ) -> None:
+        if page_numel <= 0 or page_numel % CHUNK:
+            raise ValueError(f"page_numel must be a positive multiple of {CHUNK}, got {page_numel}")
+        self.device = torch.device(device)
+        self.page_numel = page_numel
+        self.budget = budget
+        self.cuda = self.device.type == "cuda"
+        if budget == "auto" and headroom is None and self.cuda:
+            headroom = lambda: _cuda_headroom(self.device)  # noqa: E731
+        self.headroom = headroom
+        if reserve is None:
+            total = torch.cuda.get_device_properties(self.device).total_memory if self.cuda else 0
+            reserve = max(2 * self.page_bytes, int(AUTO_RESERVE_FRACTION * total))
+        self.reserve = reserve
+        self.pages: list[Page] = []
+        self.numel = 0  # flat elements handed out
+        self.clock = 0
+        self.slots: list[torch.Tensor] = []
+        self.slot_free: list[torch.cuda.Event | None] = []
+        self.active: dict[int, torch.Tensor] = {}  # page -> the tensor the update reads this step
+        self.bytes_streamed = 0  # host <-> device bytes moved by step() streaming (both ways)
+        self.bytes_paged = 0     # bytes moved by evictions and promotions
+        # Offsets in the page table are in float32 elements from this anchor.
+        self.state_base = torch.zeros(4, dtype=torch.float32, device=self.device)
+        self.page_table: torch.Tensor | None = None
+        self._page_table_key: tuple | None = None
+        self.in_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.out_stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    # ---- sizes and limits -------------------------------------------------------------
+    @property
+    def page_bytes(self) -> int:
+        return STATE_BYTES_PER_ELEMENT * self.page_numel
+
+    @property
+    def resident_pages(self) -> list[int]:
+        return [k for k, page in enumerate(self.pages) if page.device_data is not None]
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory held by the states: resident pages plus streaming slots."""
+        return (len(self.resident_pages) + len(self.slots)) * self.page_bytes
+
+    def _capacity_pages(self, growing: bool) -> int:
+        if self.budget is None or (self.budget == "auto" and self.headroom is None):
+            return len(self.pages)
+        if self.budget == "auto":
+            # Evict below one reserve of headroom, grow back only above two: no flapping.
+            spare = self.headroom() - (2 if growing else 1) * self.reserve
+            return max((self.device_bytes + spare) // self.page_bytes, 0)
+        return self.budget // self.page_bytes
+
+    def _resident_limit(self, n_pages: int, growing: bool = False) -> int:
+        capacity = self._capacity_pages(growing)
+        if n_pages <= capacity:
+            return n_pages
+        return max(capacity - self._slot_count(capacity), 0)
+
+    @staticmethod
+    def _slot_count(capacity: int) -> int:
+        return STREAM_SLOTS if capacity > STREAM_SLOTS else 2
+
+    # ---- allocation ---------------------------------------------------------------------
+    def allocate(self, numel: int) -> int:
+        """A zeroed range of numel elements; returns its flat start."""
+        start = self.numel
+        self.numel += -(-numel // CHUNK) * CHUNK
+        while len(self.pages) * self.page_numel < self.numel:
+            page = Page()
+            if len(self.resident_pages) < self._resident_limit(len(self.pages) + 1):
+                page.device_data = torch.zeros((2, self.page_numel), dtype=torch.float32, device=self.device)
+            else:
+                page.host_data = self._host_zeros()
+            self.pages.append(page)
+        return start
+
+    def _host_zeros(self) -> torch.Tensor:
+        return torch.zeros((2, self.page_numel), dtype=torch.float32, pin_memory=self.cuda)
+
+    def pieces(self, start: int, numel: int):
+        """(page, offset in page, offset in range, length) for a flat range."""
+        pos = start
+        while pos < start + numel:
+            page, offset = divmod(pos, self.page_numel)
+            length = min(self.page_numel - offset, start + numel - pos)
+            yield page, offset, pos - start, length
+            pos += length
+
+    # ---- residency ------------------------------------------------------------------------
+    def evict(self, k: int) -> None:
+        """Write page k back to the host and free its device memory."""
+        page = self.pages[k]
+        if page.device_data is None:
+            return
+        if page.host_data is None:
+            page.host_data = torch.empty((2, self.page_numel), dtype=torch.float32, pin_memory=self.cuda)
+        # On the compute stream: a later allocation reusing the freed block is ordered after it.
+        page.host_data.copy_(page.device_data, non_blocking=self.cuda)
+        page.device_data = None
+        self.bytes_paged += self.page_bytes
+
+    def promote(self, k: int) -> None:
+        page = self.pages[k]
+        if page.device_data is not None:
+            return
+        page.device_data = torch.empty((2, self.page_numel), dtype=torch.float32, device=self.device)
+        page.device_data.copy_(page.host_data, non_blocking=self.cuda)
+        self.bytes_paged += self.page_bytes
+
+    def fit(self) -> None:
+        """Evict least-recently-used pages above the budget, or bring host pages back below it."""
+        if self.cuda:
+            # Host copies are written by the write-back stream; moves below run on the compute stream.
+            torch.cuda.current_stream(self.device).wait_stream(self.out_stream)
+        resident = self.resident_pages
+        limit = self._resident_limit(len(self.pages))
+        if len(resident) > limit:
+            for k in sorted(resident, key=lambda k: (self.pages[k].last_used, k))[: len(resident) - limit]:
+                self.evict(k)
+        else:
+            room = self._resident_limit(len(self.pages), growing=True) - len(resident)
+            for k in [k for k, page in enumerate(self.pages) if page.device_data is None][: max(room, 0)]:
+                self.promote(k)
+        n_streamed = len(self.pages) - len(self.resident_pages)
+        if n_streamed == 0:
+            self.slots, self.slot_free = [], []
+        elif not self.slots:
+            n_slots = self._slot_count(self._capacity_pages(False))
+            self.slots = [torch.empty((2, self.page_numel), dtype=torch.float32, device=self.device)
+                          for _ in range(n_slots)]
+            self.slot_free = [None] * n_slots
+
+    def page_out(self) -> None:
+        """Move every page to the host and release the device memory (slots included)."""
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.out_stream)
+        for k in self.resident_pages:
+            self.evict(k)
+        self.slots, self.slot_free = [], []
+        self.page_table, self._page_table_key = None, None
+
+    # ---- the step -----------------------------------------------------------------------
+    def run(self, needed: Sequence[int], update: Callable[[list[int]], None]) -> None:
+        """Call update(pages) so that every page in needed is updated exactly once.
+
+        Resident pages go in one call; the others are streamed in through the slots
+        (ahead of their update, on a side stream), updated one by one and written back.
+        During each call, self.active[k] is the tensor holding page k and self.page_table
+        gives its offsets.
+        """
+        self.fit()
+        resident = [k for k in needed if self.pages[k].device_data is not None]
+        streamed = [k for k in needed if self.pages[k].device_data is None]
+        for k in needed:
+            self.clock += 1
+            self.pages[k].last_used = self.clock
+        self.active = {k: self.pages[k].device_data for k in resident}
+        for i, k in enumerate(streamed):
+            self.active[k] = self.slots[i % len(self.slots)]
+        self._publish_page_table()
+        if self.cuda and streamed:
+            self._stream_cuda(resident, streamed, update)
+        else:
+            if resident:
+                update(resident)
+            for k in streamed:
+                slot = self.active[k]
+                slot.copy_(self.pages[k].host_data)
+                update([k])
+                self.pages[k].host_data.copy_(slot)
+        self.bytes_streamed += 2 * len(streamed) * self.page_bytes
+
+    def _stream_cuda(self, resident: list[int], streamed: list[int], update) -> None:
+        compute = torch.cuda.current_stream(self.device)
+        n_slots = len(self.slots)
+        # Loads read host pages that evictions (compute) and the last write-backs (out) wrote.
+        self.in_stream.wait_stream(compute)
+        self.in_stream.wait_stream(self.out_stream)
+        loaded: list[torch.cuda.Event | None] = [None] * len(streamed)
+
+        def load(i: int) -> None:
+            slot = i % n_slots
+            with torch.cuda.stream(self.in_stream):
+                if self.slot_free[slot] is not None:
+                    self.in_stream.wait_event(self.slot_free[slot])
+                self.slots[slot].copy_(self.pages[streamed[i]].host_data, non_blocking=True)
+                loaded[i] = self.in_stream.record_event()
+
+        for i in range(min(n_slots, len(streamed))):
+            load(i)
+        if resident:
+            update(resident)  # overlaps the first loads
+        for i, k in enumerate(streamed):
+            slot = i % n_slots
+            compute.wait_event(loaded[i])
+            update([k])
+            updated = compute.record_event()
+            with torch.cuda.stream(self.out_stream):
+                self.out_stream.wait_event(updated)
+                self.pages[k].host_data.copy_(self.slots[slot], non_blocking=True)
+                self.slot_free[slot] = self.out_stream.record_event()
+            if i + n_slots < len(streamed):
+                load(i + n_slots)
+
+    def _publish_page_table(self) -> None:
+        if not self.cuda:
+            return
+        base = self.state_base.data_ptr()
+        rows: list[int] = []
+        for k in range(len(self.pages)):
+            data = self.active.get(k)
+            if data is None:
+                rows += (0, 0)
+            else:
+                offset = (data.data_ptr() - base) // 4
+                rows += (offset, offset + self.page_numel)
+        key = tuple(rows)
+        if key != self._page_table_key:
+            host = torch.tensor(rows, dtype=torch.int64).view(-1, 2).pin_memory()
+            self.page_table = host.to(self.device, non_blocking=True)
+            self._page_table_key = key
+
+    # ---- reading and writing ranges (state dicts) -------------------------------------------
+    def synchronize(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def read(self, start: int, numel: int) -> torch.Tensor:
+        """float32 [2, numel] CPU copy of a range, wherever its pages are."""
+        self.synchronize()
+        out = torch.empty((2, numel), dtype=torch.float32)
+        for k, offset, at, length in self.pieces(start, numel):
+            page = self.pages[k]
+            source = page.device_data if page.device_data is not None else page.host_data
+            out[:, at:at + length].copy_(source[:, offset:offset + length])
+        return out
+
+    def write(self, start: int, data: torch.Tensor) -> None:
+        """Overwrite a range with float32 [2, numel] data."""
+        self.synchronize()
+        for k, offset, at, length in self.pieces(start, data.shape[1]):
+            page = self.pages[k]
+            target = page.device_data if page.device_data is not None else page.host_data
+            target[:, offset:offset + length].copy_(data[:, at:at + length])
+        self.synchronize()
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None:
+    if isinstance(lr, torch.Tensor):
+        raise TypeError(f"lr{where} must be a Python number, got a tensor")
+    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"lr{where} must be a finite number >= 0, got {lr!r}")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas{where} must be a pair of numbers in [0, 1), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}]{where} must be a number in [0, 1), got {beta!r}")
+    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps{where} must be a finite number >= 0, got {eps!r}")
+    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {weight_decay!r}")
+
+
+def _check_group(group: dict, index: int) -> None:
+    where = f" (param group {index})"
+    _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
+    for flag in ("amsgrad", "maximize"):
+        if group.get(flag):
+            raise ValueError(f"PagedAdamW32bit does not implement {flag}=True{where}")
+    if group.get("decoupled_weight_decay") is False:
+        raise ValueError(f"PagedAdamW32bit applies decoupled weight decay (AdamW), the group asks for Adam's{where}")
+
+
+class _Plan:
+    """What one step needs for one set of parameters with gradients; rebuilt when that set changes."""
+
+    def __init__(self, optimizer: "PagedAdamW32bit", work: list) -> None:
+        self.group_index = torch.tensor([gi for _, _, gi in work], dtype=torch.int64)
+        self.by_store: dict[torch.device, dict] = {}
+        for index, (p, g, _) in enumerate(work):
+            store, start = optimizer._ranges[p]
+            entry = self.by_store.setdefault(store.device, {"store": store, "items": [], "pages": set()})
+            entry["items"].append((index, start))
+            entry["pages"].update(k for k, *_ in store.pieces(start, p.numel()))
+        for device, entry in self.by_store.items():
+            store = entry["store"]
+            entry["pages"] = sorted(entry["pages"])
+            if not store.cuda:
+                # (work index, element range in the parameter, page, offset in page) per piece
+                segments: dict[int, list] = {}
+                for index, start in entry["items"]:
+                    p = work[index][0]
+                    for k, offset, at, length in store.pieces(start, p.numel()):
+                        segments.setdefault(k, []).append((index, at, length, offset))
+                entry["segments"] = segments
+                continue
+            # One launch group per (param dtype, grad dtype): pointer types are compile-time.
+            combos: dict[tuple, list] = {}
+            for index, start in entry["items"]:
+                p, g, _ = work[index]
+                combos.setdefault((p.dtype, g.dtype), []).append((index, start))
+            entry["combos"] = []
+            for items in combos.values():
+                indices = [index for index, _ in items]
+                numels = [work[index][0].numel() for index in indices]
+                chunks = make_chunks(range(len(items)), numels, [start for _, start in items], store.page_numel)
+                order = torch.argsort(chunks[:, 2], stable=True)  # by page, so each page is a chunk range
+                chunks = chunks[order]
+                entry["combos"].append({
+                    "indices": indices,
+                    "index_tensor": torch.tensor(indices, dtype=torch.int64),
+                    "chunk_pages": chunks[:, 2].tolist(),
+                    "chunks": chunks.to(device),
+                })
+
+
+class PagedAdamW32bit(torch.optim.Optimizer):
+    """torch.optim.AdamW with float32 states paged between the GPU and pinned host memory.
+
+    gpu_budget: bytes of GPU memory the states may hold, or "auto" (keep everything resident
+    while torch.cuda.mem_get_info shows headroom above a reserve; evict least-recently-used
+    pages when it does not). page_size: bytes per page, both moments together (a multiple
+    of 16 KiB). max_grad_norm: clip the gradients' total L2 norm to this, computed on the
+    device (the gradients themselves are left untouched).
+
+    States are exp_avg, exp_avg_sq (float32) and step under torch's names; state_dict()
+    returns them as CPU tensors, so checkpoints never need the GPU memory the budget saves.
+    CPU parameters are updated with the torch reference; an integer gpu_budget there runs
+    the page table with CPU memory on both sides (a simulation, used by the tests).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        gpu_budget: int | str = "auto",
+        page_size: int = DEFAULT_PAGE_SIZE,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        _check_hyperparameters(lr, betas, eps, weight_decay)
+        if not isinstance(page_size, int) or page_size <= 0 or page_size % (STATE_BYTES_PER_ELEMENT * CHUNK):
+            raise ValueError(f"page_size must be a positive multiple of {STATE_BYTES_PER_ELEMENT * CHUNK} bytes, "
+                             f"got {page_size!r}")
+        if gpu_budget != "auto":
+            if isinstance(gpu_budget, bool) or not isinstance(gpu_budget, int):
+                raise ValueError(f"gpu_budget must be a number of bytes or 'auto', got {gpu_budget!r}")
+            if gpu_budget < 2 * page_size:
+                raise ValueError(f"gpu_budget={gpu_budget} bytes is below two pages of page_size={page_size}: "
+                                 "streaming needs at least two device slots; raise it or lower page_size")
+        if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.gpu_budget = gpu_budget
+        self.page_size = page_size
+        self.max_grad_norm = max_grad_norm
+        self._stores: dict[torch.device, PagedStates] = {}
+        self._ranges: dict[torch.Tensor, tuple[PagedStates, int]] = {}
+        self._plans: dict[tuple, _Plan] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_group(group, len(self.param_groups) - 1)
+        for p in group["params"]:
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"PagedAdamW32bit updates float32, bfloat16 and float16 parameters, got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError(f"PagedAdamW32bit needs contiguous parameters, got one with strides {p.stride()}")
+
+    # ---- state ranges -----------------------------------------------------------------------
+    def store(self, device: torch.device | str) -> PagedStates:
+        """The page table holding the states of parameters on device (created on first use)."""
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._stores:
+            if device.type == "cuda":
+                budget = self.gpu_budget
+            else:  # no paging on the CPU unless a budget asks to simulate it
+                budget = None if self.gpu_budget == "auto" else self.gpu_budget
+            self._stores[device] = PagedStates(device, self.page_size // STATE_BYTES_PER_ELEMENT, budget)
+        return self._stores[device]
+
+    def _range(self, p: torch.Tensor) -> tuple[PagedStates, int]:
+        if p not in self._ranges:
+            store = self.store(p.device)
+            self._ranges[p] = (store, store.allocate(p.numel()))
+        return self._ranges[p]
+
+    def _init_state(self, p: torch.Tensor) -> None:
+        new = p not in self._ranges
+        store, start = self._range(p)
+        if not new:  # a parameter whose state was dropped (load_state_dict without it)
+            store.write(start, torch.zeros((2, p.numel()), dtype=torch.float32))
+        self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+
+    def page_out(self) -> None:
+        """Move all states to host memory (e.g. around evaluation or generation)."""
+        for store in self._stores.values():
+            store.page_out()
+
+    def page_in(self) -> None:
+        """Bring states back to the GPU, as far as the budget allows (step() does it too)."""
+        for store in self._stores.values():
+            store.fit()
+
+    # ---- the step -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            _check_group(group, gi)
+            for i, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse:
+                    raise RuntimeError(f"PagedAdamW32bit does not support sparse gradients "
+                                       f"(parameter {i} of param group {gi})")
+                work.append((p, g if g.is_contiguous() else g.contiguous(), gi))
+        if not work:
+            return loss
+        for p, _, _ in work:
+            if "step" not in self.state[p]:
+                self._init_state(p)
+
+        key = tuple((id(p), g.dtype) for p, g, _ in work)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) > 8:
+                self._plans.clear()
+            plan = self._plans[key] = _Plan(self, work)
+
+        steps = [self.state[p]["step"] for p, _, _ in work]
+        torch._foreach_add_(steps, 1.0)
+        hyper = torch.tensor(
+            [[g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]] for g in self.param_groups],
+            dtype=torch.float64,
+        )[plan.group_index]
+        scalars = adamw_scalars(*hyper.unbind(1), torch.stack(steps).to(torch.float64))
+        clip = None
+        if self.max_grad_norm is not None:
+            clip = grad_clip_factor([g for _, g, _ in work], self.max_grad_norm)
+
+        for device, entry in plan.by_store.items():
+            store = entry["store"]
+            store_clip = None if clip is None else clip.to(device, non_blocking=True)
+            if store.cuda:
+                update = self._cuda_update(store, entry, work, scalars, store_clip)
+            else:
+                update = self._reference_update(store, entry, work, scalars.tolist(), store_clip)
+            store.run(entry["pages"], update)
+        return loss
+
+    @staticmethod
+    def _reference_update(store, entry, work, rows, clip):
+        def update(pages: list[int]) -> None:
+            for k in pages:
+                data = store.active[k]
+                for index, at, length, offset in entry["segments"].get(k, ()):
+                    p, g, _ = work[index]
+                    adamw_update_reference(
+                        p.view(-1)[at:at + length], g.view(-1)[at:at + length],
+                        data[0, offset:offset + length], data[1, offset:offset + length],
+                        rows[index], clip,
+                    )
+        return update
+
+    @staticmethod
+    def _cuda_update(store, entry, work, scalars, clip):
+        launches = []
+        for combo in entry["combos"]:
+            params = [work[i][0] for i in combo["indices"]]
+            grads = [work[i][1] for i in combo["indices"]]
+            rows, param_align, grad_align = tensor_rows(params, grads)
+            table = torch.tensor(rows, dtype=torch.int64).view(-1, 3).pin_memory()
+            combo_scalars = scalars[combo["index_tensor"]].to(torch.float32).pin_memory()
+            launches.append((combo, params[0], grads[0], param_align, grad_align,
+                             table.to(store.device, non_blocking=True),
+                             combo_scalars.to(store.device, non_blocking=True)))
+
+        def update(pages: list[int]) -> None:
+            # Consecutive pages are one chunk range: all-resident is one launch per dtype pair.
+            runs, first = [], 0
+            for i in range(1, len(pages) + 1):
+                if i == len(pages) or pages[i] != pages[i - 1] + 1:
+                    runs.append((pages[first], pages[i - 1]))
+                    first = i
+            for combo, param_base, grad_base, param_align, grad_align, table, combo_scalars in launches:
+                chunk_pages = combo["chunk_pages"]
+                for lo, hi in runs:
+                    c0 = bisect.bisect_left(chunk_pages, lo)
+                    c1 = bisect.bisect_right(chunk_pages, hi)
+                    adamw_chunks_(
+                        param_base, grad_base, store.state_base, table, combo_scalars,
+                        combo["chunks"], store.page_table, clip,
+                        first_chunk=c0, n_chunks=c1 - c0, param_align=param_align, grad_align=grad_align,
+                    )
+        return update
+
+    # ---- state dicts ------------------------------------------------------------------------------
+    def _param_index(self) -> dict[int, int]:
+        # The same numbering as torch.optim.Optimizer.state_dict.
+        index: dict[int, int] = {}
+        start = 0
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"], start):
+                index.setdefault(id(p), i)
+            start += len(group["params"])
+        return index
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        index = self._param_index()
+        for p, (store, start) in self._ranges.items():
+            i = index.get(id(p))
+            if i is None or "step" not in state_dict["state"].get(i, {}):
+                continue
+            entry = dict(state_dict["state"][i])
+            entry["step"] = entry["step"].clone()
+            exp_avg, exp_avg_sq = store.read(start, p.numel())
+            entry["exp_avg"] = exp_avg.view(p.shape)
+            entry["exp_avg_sq"] = exp_avg_sq.view(p.shape)
+            state_dict["state"][i] = entry
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        for gi, group in enumerate(state_dict["param_groups"]):
+            _check_group(group, gi)
+        moments, stripped = {}, {}
+        for i, entry in state_dict["state"].items():
+            entry = dict(entry)
+            moments[i] = (entry.pop("exp_avg", None), entry.pop("exp_avg_sq", None))
+            entry.pop("max_exp_avg_sq", None)
+            stripped[i] = entry
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        super().load_state_dict({"state": stripped, "param_groups": state_dict["param_groups"]})
+        for i, (exp_avg, exp_avg_sq) in moments.items():
+            p = id_map[i]
+            state = self.state[p]
+            if exp_avg is None or exp_avg_sq is None or "step" not in state:
+                raise ValueError(f"state of parameter {i} needs step, exp_avg and exp_avg_sq")
+            if exp_avg.numel() != p.numel() or exp_avg_sq.numel() != p.numel():
+                raise ValueError(f"state of parameter {i} has {exp_avg.numel()} values for a parameter of {p.numel()}")
+            # Bias correction is computed on the host: keep step a CPU float32 scalar (one sync, here).
+            state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
+            store, start = self._range(p)
+            store.write(start, torch.stack([exp_avg.detach().reshape(-1).to("cpu", torch.float32),
+                                            exp_avg_sq.detach().reshape(-1).to("cpu", torch.float32)]))
+        for gi, group in enumerate(self.param_groups):
+            _check_group(group, gi)
+
+
+__all__ = ["PagedAdamW32bit", "PagedStates"]
