@@ -27,7 +27,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 NF4_PART_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + QUANT_STATE_KEY)
 # Safetensors headers beyond this are not real checkpoints (the format itself caps them at 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
-COPY_CHUNK_BYTES = 64 * 1024 * 1024
+COPY_CHUNK_BYTES = 8 * 1024 * 1024
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 SAFETENSORS_DTYPES = {
@@ -165,27 +165,20 @@ def tensor_headers(path: str | os.PathLike) -> dict[str, TensorHeader]:
 
 
 def read_tensors(headers: dict[str, TensorHeader], names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) one at a time, in the given order (default: all of headers), each
-    read with safe_open so only the tensor in hand is in memory."""
-    names = list(headers if names is None else names)
-    open_file, handle = None, None
-    try:
-        for name in names:
-            file = headers[name].file
-            if file != open_file:
-                if handle is not None:
-                    handle.__exit__(None, None, None)
-                handle, open_file = safe_open(str(file), framework="pt", device="cpu"), file
-                handle.__enter__()
-            try:
+    """Yield (name, tensor) one at a time, in the given order (default: all of headers).
+
+    Each tensor is read through its own safe_open: safetensors maps the whole file, and pages
+    touched through a handle kept open stay in the process's resident memory, so reading a
+    large shard through one handle would grow memory to the shard's size, not the tensor's."""
+    for name in list(headers if names is None else names):
+        file = headers[name].file
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
                 tensor = handle.get_tensor(name)
-            except Exception as err:  # safetensors raises its own error types; keep the names
-                raise CheckpointError(f"{file}: tensor {name}: cannot be read ({err})") from None
-            yield name, tensor
-            del tensor  # or it stays alive while the next one is read: twice the memory
-    finally:
-        if handle is not None:
-            handle.__exit__(None, None, None)
+        except Exception as err:  # safetensors raises its own error types; keep the names
+            raise CheckpointError(f"{file}: tensor {name}: cannot be read ({err})") from None
+        yield name, tensor
+        del tensor  # or it stays alive while the next one is read: twice the memory
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -298,15 +291,18 @@ class ShardWriter:
             offset += nbytes
         blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
         blob += b" " * (-len(blob) % 8)
+        buffer = memoryview(bytearray(min(COPY_CHUNK_BYTES, max(offset, 1))))
         with open(path, "wb") as out:
             out.write(struct.pack("<Q", len(blob)))
             out.write(blob)
             for _, _, _, start, nbytes in entries:
                 scratch.seek(start)
                 while nbytes:
-                    chunk = scratch.read(min(nbytes, COPY_CHUNK_BYTES))
-                    out.write(chunk)
-                    nbytes -= len(chunk)
+                    got = scratch.readinto(buffer[: min(nbytes, len(buffer))])
+                    if not got:
+                        raise CheckpointError(f"{scratch.name}: scratch data ended early (disk full?)")
+                    out.write(buffer[:got])
+                    nbytes -= got
         scratch.close()
         os.unlink(scratch.name)
         self.finished_shards.append((path, [e[0] for e in entries]))
