@@ -351,3 +351,35 @@ def test_module_matching_follows_module_boundaries():
     assert not qc.module_matches("model.layers.11.mlp.down_proj", "layers.1")
     assert qc.module_matches("model.layers.1.mlp.down_proj", "mlp.down_proj")
     assert not qc.module_matches("model.layers.1.mlp.down_proj", "proj")
+
+
+MEMORY_PROBE = r"""
+import resource, sys, torch
+from qlora.nf4 import quantize_nf4
+from qlora.quantize_checkpoint import quantize_checkpoint
+quantize_nf4(torch.randn(4096).bfloat16())  # first use builds the tables (imports scipy): not the checkpoint's cost
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+quantize_checkpoint(sys.argv[1], sys.argv[2], progress=False, max_shard_bytes=64 * 2**20)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_peak_memory_follows_the_largest_tensor_not_the_checkpoint(tmp_path):
+    """20 tensors of 8 MB (160 MB): the process's peak resident memory may grow by about three
+    times the largest tensor plus a constant, never by the checkpoint's size."""
+    import subprocess
+    import sys
+
+    tensor_bytes = 8 * 2**20
+    tensors = {f"model.layers.{i}.embed_like.weight": torch.full((tensor_bytes // 2,), float(i), dtype=torch.bfloat16)
+               for i in range(20)}
+    tensors["model.layers.0.mlp.up_proj.weight"] = torch.randn(256, 256).to(torch.bfloat16)
+    (tmp_path / "src").mkdir()
+    save_file(tensors, tmp_path / "src" / "model.safetensors", metadata={"format": "pt"})
+    del tensors
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "src"), str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    grew = int(result.stdout.split()[-1])
+    assert grew < 3 * tensor_bytes + 32 * 2**20, f"peak resident memory grew by {grew / 2**20:.0f} MiB"
+    assert len(list((tmp_path / "out").glob("model-*.safetensors"))) >= 3
