@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
-from qlora.kernels.quantize import NESTED_BLOCKSIZE, REFERENCE_CHUNK
+from qlora.kernels.quantize import NESTED_BLOCKSIZE, REFERENCE_CHUNK, _tile_ids
 
 import triton
 import triton.language as tl
@@ -94,7 +94,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
                        NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
     # A [blocks, bytes-of-a-block] tile: one scale per row, broadcast along it.
     HALF: tl.constexpr = BLOCKSIZE // 2
-    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    blocks = _tile_ids(tl.program_id(0), BLOCKS_PER_PROGRAM)
     block_mask = blocks < n_blocks
     byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
     byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0)

@@ -85,11 +85,17 @@ def quantize_absmax_reference(
 
 
 @triton.jit
+def _tile_ids(pid, SIZE: tl.constexpr):
+    """The SIZE consecutive indices of program pid, in int64: offsets past 2**31 elements stay exact."""
+    return pid.to(tl.int64) * SIZE + tl.arange(0, SIZE)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, thresholds_ptr, packed_ptr, absmax_ptr, numel, n_blocks,
                      BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr):
     # A [blocks, elements-of-a-block] tile: the row max is the block's absmax.
     HALF: tl.constexpr = BLOCKSIZE // 2
-    blocks = tl.program_id(0).to(tl.int64) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    blocks = _tile_ids(tl.program_id(0), BLOCKS_PER_PROGRAM)
     elem_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     # Elements past the end read as 0.0, as the reference pads: the pad nibble of an odd numel is code(0).
     x = tl.load(x_ptr + elem_idx, mask=elem_idx < numel, other=0.0).to(tl.float32)
@@ -134,7 +140,7 @@ def _quantize_absmax_kernel(absmax_ptr, offset_ptr, midpoints_ptr, codes_ptr, ne
                             NESTED_BLOCKSIZE: tl.constexpr):
     # One program per 256-block of block scales.
     pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * NESTED_BLOCKSIZE + tl.arange(0, NESTED_BLOCKSIZE)
+    idx = _tile_ids(pid, NESTED_BLOCKSIZE)
     mask = idx < n
     centered = tl.where(mask, tl.load(absmax_ptr + idx, mask=mask, other=0.0) - tl.load(offset_ptr), 0.0)
     scale = tl.max(tl.abs(centered), axis=0)
