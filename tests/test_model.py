@@ -270,3 +270,46 @@ def test_copy_of_prepared_model_is_independent():
     twin = copy.deepcopy(model)
     ids = tokens()
     torch.testing.assert_close(logits(twin, ids), logits(model, ids))
+
+
+class PlainLM(nn.Module):
+    """Not a transformers model: an embedding, two MLP blocks run under reentrant checkpointing, a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(128, 64)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)) for _ in range(2))
+        self.norm = nn.LayerNorm(64)
+        self.lm_head = nn.Linear(64, 128)
+        self.checkpointing = False
+
+    def forward(self, ids):
+        h = self.embed(ids)
+        for block in self.blocks:
+            if self.checkpointing:
+                h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+            else:
+                h = h + block(h)
+        return self.lm_head(self.norm(h))
+
+
+def test_any_torch_model_trains_adapters_under_reentrant_checkpointing():
+    def adapter_grads(checkpointing):
+        torch.manual_seed(0)
+        model = prepare_model(PlainLM().bfloat16(), r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
+        for layer in model.modules():
+            if isinstance(layer, QuantLoRALinear):
+                nn.init.normal_(layer.lora_B.weight, std=0.05)
+        model.checkpointing = checkpointing
+        model(tokens()).float().logsumexp(-1).mean().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, model
+
+    plain, model = adapter_grads(False)
+    assert type(model.lm_head) is nn.Linear and model.norm.weight.dtype == torch.float32
+    assert model.embed.weight.dtype == torch.bfloat16 and not model.embed.weight.requires_grad
+    # Without the embedding hook, reentrant checkpointing of frozen-input blocks yields no gradients.
+    checkpointed, _ = adapter_grads(True)
+    assert len(plain) == 8 and plain.keys() == checkpointed.keys()
+    for name, grad in plain.items():
+        assert checkpointed[name] is not None, name
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
