@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 from itertools import chain
 from typing import Callable, Sequence
 
 import torch
 
+from qlora.kernels import backend
 from qlora.kernels.adamw import (
     CHUNK,
     adamw_chunks_,
@@ -35,6 +37,13 @@ STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each
 STREAM_SLOTS = 3               # device slots streamed pages pass through (2 would serialise compute)
 AUTO_RESERVE_FRACTION = 0.05   # "auto" leaves this much of the device free for activations
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # Pinned, so the copy is asynchronous (a pageable one would wait for the GPU).
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def _cuda_headroom(device: torch.device) -> int:
@@ -272,8 +281,6 @@ class PagedStates:
                 load(i + n_slots)
 
     def _publish_page_table(self) -> None:
-        if not self.cuda:
-            return
         base = self.state_base.data_ptr()
         rows: list[int] = []
         for k in range(len(self.pages)):
@@ -285,8 +292,7 @@ class PagedStates:
                 rows += (offset, offset + self.page_numel)
         key = tuple(rows)
         if key != self._page_table_key:
-            host = torch.tensor(rows, dtype=torch.int64).view(-1, 2).pin_memory()
-            self.page_table = host.to(self.device, non_blocking=True)
+            self.page_table = _to_device(torch.tensor(rows, dtype=torch.int64).view(-1, 2), self.device)
             self._page_table_key = key
 
     # ---- reading and writing ranges (state dicts) -------------------------------------------
@@ -354,7 +360,9 @@ class _Plan:
         for device, entry in self.by_store.items():
             store = entry["store"]
             entry["pages"] = sorted(entry["pages"])
-            if not store.cuda:
+            # The Triton kernel on CUDA (or on the CPU under QLORA_BACKEND=triton and the interpreter).
+            entry["kernel"] = backend.use_triton(work[entry["items"][0][0]][0])
+            if not entry["kernel"]:
                 # (work index, element range in the parameter, page, offset in page) per piece
                 segments: dict[int, list] = {}
                 for index, start in entry["items"]:
@@ -500,7 +508,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             if "step" not in self.state[p]:
                 self._init_state(p)
 
-        key = tuple((id(p), g.dtype) for p, g, _ in work)
+        key = (tuple((id(p), g.dtype) for p, g, _ in work), os.environ.get("QLORA_BACKEND", ""))
         plan = self._plans.get(key)
         if plan is None:
             if len(self._plans) > 8:
@@ -521,8 +529,8 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         for device, entry in plan.by_store.items():
             store = entry["store"]
             store_clip = None if clip is None else clip.to(device, non_blocking=True)
-            if store.cuda:
-                update = self._cuda_update(store, entry, work, scalars, store_clip)
+            if entry["kernel"]:
+                update = self._kernel_update(store, entry, work, scalars, store_clip)
             else:
                 update = self._reference_update(store, entry, work, scalars.tolist(), store_clip)
             store.run(entry["pages"], update)
@@ -543,17 +551,16 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         return update
 
     @staticmethod
-    def _cuda_update(store, entry, work, scalars, clip):
+    def _kernel_update(store, entry, work, scalars, clip):
         launches = []
         for combo in entry["combos"]:
             params = [work[i][0] for i in combo["indices"]]
             grads = [work[i][1] for i in combo["indices"]]
             rows, param_align, grad_align = tensor_rows(params, grads)
-            table = torch.tensor(rows, dtype=torch.int64).view(-1, 3).pin_memory()
-            combo_scalars = scalars[combo["index_tensor"]].to(torch.float32).pin_memory()
+            table = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+            combo_scalars = scalars[combo["index_tensor"]].to(torch.float32)
             launches.append((combo, params[0], grads[0], param_align, grad_align,
-                             table.to(store.device, non_blocking=True),
-                             combo_scalars.to(store.device, non_blocking=True)))
+                             _to_device(table, store.device), _to_device(combo_scalars, store.device)))
 
         def update(pages: list[int]) -> None:
             # Consecutive pages are one chunk range: all-resident is one launch per dtype pair.

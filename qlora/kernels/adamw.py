@@ -20,11 +20,10 @@ from typing import Sequence
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # the torch reference works without Triton
-    triton = None
+from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
+
+import triton
+import triton.language as tl
 
 # Elements per chunk (one program). State ranges are aligned to it, so no chunk crosses a page.
 CHUNK = 2048
@@ -144,74 +143,73 @@ def tensor_rows(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -
     return rows, 16 // p_size, 16 // g_size
 
 
-if triton is not None:
+@triton.jit
+def _round_to_bfloat16(x):
+    # Round to nearest even in integer arithmetic: the interpreter's float cast truncates,
+    # this gives the GPU's (and torch's) bits everywhere.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays a quiet NaN
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
-    @triton.jit
-    def _round_to_bfloat16(x):
-        # Round to nearest even in integer arithmetic: the interpreter's float cast truncates,
-        # this gives the GPU's (and torch's) bits everywhere.
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        rounded = tl.where(x != x, (bits >> 16) | 0x40, rounded)  # NaN stays a quiet NaN
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+@triton.jit
+def _adamw_chunks_kernel(
+    param_base_ptr, grad_base_ptr, state_base_ptr,
+    tensor_table_ptr, scalars_ptr, chunk_table_ptr, page_table_ptr, clip_factor_ptr,
+    first_chunk,
+    HAS_CLIP: tl.constexpr, PARAM_ALIGN: tl.constexpr, GRAD_ALIGN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    chunk_row = chunk_table_ptr + (first_chunk + tl.program_id(0)).to(tl.int64) * 4
+    tensor = tl.load(chunk_row)
+    start = tl.load(chunk_row + 1)
+    page = tl.load(chunk_row + 2)
+    in_page = tl.load(chunk_row + 3)
 
-    @triton.jit
-    def _adamw_chunks_kernel(
-        param_base_ptr, grad_base_ptr, state_base_ptr,
-        tensor_table_ptr, scalars_ptr, chunk_table_ptr, page_table_ptr, clip_factor_ptr,
-        first_chunk,
-        HAS_CLIP: tl.constexpr, PARAM_ALIGN: tl.constexpr, GRAD_ALIGN: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        chunk_row = chunk_table_ptr + (first_chunk + tl.program_id(0)).to(tl.int64) * 4
-        tensor = tl.load(chunk_row)
-        start = tl.load(chunk_row + 1)
-        page = tl.load(chunk_row + 2)
-        in_page = tl.load(chunk_row + 3)
+    tensor_row = tensor_table_ptr + tensor * 3
+    param_off = tl.multiple_of(tl.load(tensor_row), PARAM_ALIGN) + start
+    grad_off = tl.multiple_of(tl.load(tensor_row + 1), GRAD_ALIGN) + start
+    numel = tl.load(tensor_row + 2)
+    # Pages are allocator blocks and in_page is a multiple of CHUNK: always 16-byte aligned.
+    exp_avg_off = tl.multiple_of(tl.load(page_table_ptr + page * 2), 4) + in_page
+    exp_avg_sq_off = tl.multiple_of(tl.load(page_table_ptr + page * 2 + 1), 4) + in_page
 
-        tensor_row = tensor_table_ptr + tensor * 3
-        param_off = tl.multiple_of(tl.load(tensor_row), PARAM_ALIGN) + start
-        grad_off = tl.multiple_of(tl.load(tensor_row + 1), GRAD_ALIGN) + start
-        numel = tl.load(tensor_row + 2)
-        # Pages are allocator blocks and in_page is a multiple of CHUNK: always 16-byte aligned.
-        exp_avg_off = tl.multiple_of(tl.load(page_table_ptr + page * 2), 4) + in_page
-        exp_avg_sq_off = tl.multiple_of(tl.load(page_table_ptr + page * 2 + 1), 4) + in_page
+    scalar_row = scalars_ptr + tensor * 8
+    decay = tl.load(scalar_row)
+    one_minus_beta1 = tl.load(scalar_row + 1)
+    beta2 = tl.load(scalar_row + 2)
+    one_minus_beta2 = tl.load(scalar_row + 3)
+    step_size = tl.load(scalar_row + 4)
+    bias_correction2_sqrt = tl.load(scalar_row + 5)
+    eps = tl.load(scalar_row + 6)
 
-        scalar_row = scalars_ptr + tensor * 8
-        decay = tl.load(scalar_row)
-        one_minus_beta1 = tl.load(scalar_row + 1)
-        beta2 = tl.load(scalar_row + 2)
-        one_minus_beta2 = tl.load(scalar_row + 3)
-        step_size = tl.load(scalar_row + 4)
-        bias_correction2_sqrt = tl.load(scalar_row + 5)
-        eps = tl.load(scalar_row + 6)
+    offsets = tl.arange(0, BLOCK)
+    mask = start + offsets < numel
+    p_ptrs = param_base_ptr + param_off + offsets
+    m_ptrs = state_base_ptr + exp_avg_off + offsets
+    v_ptrs = state_base_ptr + exp_avg_sq_off + offsets
+    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+    g = tl.load(grad_base_ptr + grad_off + offsets, mask=mask).to(tl.float32)
+    m = tl.load(m_ptrs, mask=mask)
+    v = tl.load(v_ptrs, mask=mask)
+    if HAS_CLIP:
+        g = g * tl.load(clip_factor_ptr)
 
-        offsets = tl.arange(0, BLOCK)
-        mask = start + offsets < numel
-        p_ptrs = param_base_ptr + param_off + offsets
-        m_ptrs = state_base_ptr + exp_avg_off + offsets
-        v_ptrs = state_base_ptr + exp_avg_sq_off + offsets
-        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-        g = tl.load(grad_base_ptr + grad_off + offsets, mask=mask).to(tl.float32)
-        m = tl.load(m_ptrs, mask=mask)
-        v = tl.load(v_ptrs, mask=mask)
-        if HAS_CLIP:
-            g = g * tl.load(clip_factor_ptr)
+    p = p * decay
+    # torch's lerp: two formulas that meet at weight 0.5, each exact at its own end, one fma each.
+    small_weight = one_minus_beta1 < 0.5
+    m = tl.fma(tl.where(small_weight, one_minus_beta1, one_minus_beta1 - 1.0), g - m, tl.where(small_weight, m, g))
+    v = v * beta2 + one_minus_beta2 * g * g
+    # Round-to-nearest sqrt and division: Triton's defaults are the approximate ones.
+    denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
 
-        p = p * decay
-        # torch's lerp: two formulas that meet at weight 0.5, each exact at its own end.
-        m = tl.where(one_minus_beta1 < 0.5, m + one_minus_beta1 * (g - m), g - (g - m) * (1.0 - one_minus_beta1))
-        v = v * beta2 + one_minus_beta2 * g * g
-        # Round-to-nearest sqrt and division: Triton's defaults are the approximate ones.
-        denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-        p = p - step_size * tl.div_rn(m, denom)
-
-        if param_base_ptr.dtype.element_ty == tl.bfloat16:
-            tl.store(p_ptrs, _round_to_bfloat16(p), mask=mask)
-        else:
-            tl.store(p_ptrs, p.to(param_base_ptr.dtype.element_ty), mask=mask)
-        tl.store(m_ptrs, m, mask=mask)
-        tl.store(v_ptrs, v, mask=mask)
+    if param_base_ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(p_ptrs, _round_to_bfloat16(p), mask=mask)
+    else:
+        tl.store(p_ptrs, p.to(param_base_ptr.dtype.element_ty), mask=mask)
+    tl.store(m_ptrs, m, mask=mask)
+    tl.store(v_ptrs, v, mask=mask)
 
 
 def adamw_chunks_(
