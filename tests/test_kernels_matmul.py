@@ -1,0 +1,139 @@
+"""nf4_linear / nf4_linear_grad_input: every Triton path (interpreter on CPU) against float64."""
+import pytest
+import torch
+
+from qlora.codebook import dynamic_map, nf4_codebook
+from qlora.kernels import gemv as G
+from qlora.kernels import matmul as MM
+from qlora.kernels.quantize import quantize_absmax_reference, quantize_nf4_blocks_reference
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Every torch.empty comes back full of NaN (floats) or 0xAB (bytes): unwritten outputs show."""
+    real_empty = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0xAB if t.dtype == torch.uint8 else -1)
+
+    monkeypatch.setattr(torch, "empty", empty)
+
+
+def make_weight(N, K, blocksize=64, double_quant=True, seed=0):
+    """(kernel args, float64 W as the reference dequantises it)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g) * 0.02
+    w.view(-1)[:blocksize] = 0.0  # an all-zero block
+    packed, absmax = quantize_nf4_blocks_reference(w, blocksize)
+    nested = (None, None, None)
+    if double_quant:
+        codes, nested_absmax, offset = quantize_absmax_reference(absmax)
+        absmax, nested = codes, (nested_absmax, dynamic_map(), offset)
+    args = (packed, absmax, nf4_codebook(), N, K, blocksize, *nested)
+    w64 = MM._dequantize_matrix(*args, torch.float32).double()
+    return args, w64
+
+
+def rel_err(got, want):
+    assert not torch.isnan(got).any(), "unwritten (poisoned) or NaN output"
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def inputs(M, K, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g).to(dtype)
+
+
+DTYPES = [torch.bfloat16, torch.float16]
+# N, K not multiples of the tiles (64 / 128 output, 64 reduction); K a multiple of the blocksize.
+SHAPES = [(70, 192, 64), (33, 320, 64), (50, 96, 32)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 3, 17, 64, 130])
+@pytest.mark.parametrize("N,K,blocksize", SHAPES)
+def test_forward_and_grad_input(poison, dtype, M, N, K, blocksize):
+    args, w64 = make_weight(N, K, blocksize, double_quant=(N != 50))
+    x = inputs(M, K, dtype)
+    bias = inputs(1, N, dtype, seed=2)[0]
+    y = MM.nf4_linear_triton(x, *args, bias=bias)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel_err(y, x.double() @ w64.T + bias.double()) <= 1e-2
+    g = inputs(M, N, dtype, seed=3)
+    gi = MM.nf4_linear_grad_input_triton(g, *args)
+    assert gi.dtype == dtype and gi.shape == (M, K)
+    assert rel_err(gi, g.double() @ w64) <= 1e-2
+
+
+@pytest.mark.parametrize("M", [1, 3, 4])
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_gemv_split_k(poison, M, split_k):
+    args, w64 = make_weight(37, 64 * 9, 64)
+    x = inputs(M, 64 * 9, torch.bfloat16)
+    bias = inputs(1, 37, torch.bfloat16)[0]
+    y = G.nf4_gemv_triton(x, *args, bias=bias, split_k=split_k)
+    assert rel_err(y, x.double() @ w64.T + bias.double()) <= 1e-2
+
+
+@pytest.mark.parametrize("M", [5, 17, 64, 70])
+@pytest.mark.parametrize("split_k", [1, 4])
+def test_fused_split_k_and_tiles(poison, M, split_k):
+    args, w64 = make_weight(70, 64 * 5, 64)
+    x = inputs(M, 64 * 5, torch.float16)
+    y = MM.nf4_linear_fused(x, *args, split_k=split_k)
+    assert rel_err(y, x.double() @ w64.T) <= 1e-2
+    # The large-M tile configuration on a small problem.
+    big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    assert rel_err(MM.nf4_linear_fused(x, *args, config=big), x.double() @ w64.T) <= 1e-2
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("M", [1, 17])
+def test_blocks_straddling_rows(poison, dtype, M):
+    # in_features 100 with blocksize 64: blocks cross row ends; routed to dequantise + matmul.
+    args, w64 = make_weight(21, 100, 64)
+    x = inputs(M, 100, dtype)
+    assert rel_err(MM.nf4_linear_triton(x, *args), x.double() @ w64.T) <= 1e-2
+    g = inputs(M, 21, dtype)
+    assert rel_err(MM.nf4_linear_grad_input_triton(g, *args), g.double() @ w64) <= 1e-2
+
+
+def test_blocksize_4096_one_block_many_rows(poison):
+    args, w64 = make_weight(40, 128, 4096)  # 32 rows per block
+    x = inputs(3, 128, torch.bfloat16)
+    assert rel_err(MM.nf4_linear_triton(x, *args), x.double() @ w64.T) <= 1e-2
+    x = inputs(20, 128, torch.bfloat16)
+    assert rel_err(MM.nf4_linear_triton(x, *args), x.double() @ w64.T) <= 1e-2
+
+
+def test_leading_dims_and_empty():
+    args, w64 = make_weight(24, 128, 64)
+    x = inputs(6, 128, torch.bfloat16).view(2, 3, 128)
+    y = MM.nf4_linear_triton(x, *args)
+    assert y.shape == (2, 3, 24)
+    assert rel_err(y, x.double() @ w64.T) <= 1e-2
+    assert MM.nf4_linear_triton(x[:0], *args).shape == (0, 3, 24)
+    assert MM.nf4_linear_grad_input_triton(y[:, :0], *args).shape == (2, 0, 128)
+
+
+def test_entry_points_dispatch_and_autograd(monkeypatch):
+    args, w64 = make_weight(24, 128, 64)
+    calls = []
+    real = MM.nf4_linear_triton
+    monkeypatch.setattr(MM, "nf4_linear_triton", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.delenv("QLORA_BACKEND", raising=False)
+    x = inputs(5, 128, torch.bfloat16).requires_grad_()
+    bias = inputs(1, 24, torch.bfloat16)[0].requires_grad_()
+    y_ref = MM.nf4_linear(x, *args, bias=bias)
+    assert calls == []  # CPU: reference
+    monkeypatch.setenv("QLORA_BACKEND", "triton")
+    y = MM.nf4_linear(x, *args, bias=bias)
+    assert calls == [1]
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    g = inputs(5, 24, torch.bfloat16, seed=7)
+    y.backward(g)
+    assert rel_err(x.grad, g.double() @ w64) <= 1e-2
+    torch.testing.assert_close(bias.grad, g.sum(0))
+    gi = MM.nf4_linear_grad_input(g, *args)
+    assert torch.equal(gi, x.grad)
