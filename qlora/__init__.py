@@ -1,13 +1,20 @@
 """qlora: NF4 quantisation, 4-bit LoRA fine-tuning and paged AdamW, in bitsandbytes' format."""
 from qlora.codebook import dynamic_map, nf4_codebook
 from qlora.nf4 import NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
+from qlora.layer import QuantLoRALinear
+from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
 
 __all__ = [
     "NF4Weight",
+    "QuantLoRALinear",
     "dynamic_map",
+    "load_adapter",
+    "load_quantized",
     "nf4_codebook",
     "nf4_linear",
     "nf4_linear_grad_input",
+    "prepare_model",
     "quantize_nf4",
+    "save_adapter",
 ]
 __version__ = "0.1.0"
