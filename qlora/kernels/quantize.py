@@ -5,6 +5,8 @@ that memory stays near twice the chunk whatever the tensor's size.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qlora.codebook import dynamic_map, nf4_thresholds
@@ -113,6 +115,13 @@ def _quantize_kernel(x_ptr, thresholds_ptr, packed_ptr, absmax_ptr, numel, n_blo
     tl.store(absmax_ptr + blocks, absmax, mask=blocks < n_blocks)
 
 
+@functools.lru_cache(maxsize=None)
+def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 thresholds and dynamic-map midpoints on device, copied there once (not per call)."""
+    code = dynamic_map()
+    return nf4_thresholds().to(device), ((code[1:] + code[:-1]) * 0.5).to(device)
+
+
 # Elements per program of the quantise kernel (a [blocks, blocksize] tile).
 QUANT_TILE = 4096
 
@@ -129,7 +138,7 @@ def quantize_nf4_blocks_triton(x: torch.Tensor, blocksize: int = 64) -> tuple[to
         return packed, absmax
     per_program = max(1, QUANT_TILE // blocksize)
     _quantize_kernel[(triton.cdiv(n_blocks, per_program),)](
-        x, nf4_thresholds().to(x.device), packed, absmax, numel, n_blocks,
+        x, _device_tables(x.device)[0], packed, absmax, numel, n_blocks,
         BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, num_warps=4,
     )
     return packed, absmax
@@ -164,10 +173,8 @@ def quantize_absmax_triton(absmax: torch.Tensor, nested_blocksize: int = NESTED_
     n_nested = -(-n // nested_blocksize)
     codes = torch.empty(n, dtype=torch.uint8, device=absmax.device)
     nested_absmax = torch.empty(n_nested, dtype=torch.float32, device=absmax.device)
-    code = dynamic_map().to(absmax.device)
-    midpoints = (code[1:] + code[:-1]) * 0.5
     if n:
-        _quantize_absmax_kernel[(n_nested,)](absmax, offset, midpoints, codes, nested_absmax, n,
+        _quantize_absmax_kernel[(n_nested,)](absmax, offset, _device_tables(absmax.device)[1], codes, nested_absmax, n,
                                              NESTED_BLOCKSIZE=nested_blocksize, num_warps=4)
     return codes, nested_absmax, offset
 
