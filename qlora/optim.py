@@ -128,8 +128,7 @@ class PagedStates:
             return max((self.device_bytes + spare) // self.page_bytes, 0)
         return self.budget // self.page_bytes
 
-    def _resident_limit(self, n_pages: int, growing: bool = False) -> int:
-        capacity = self._capacity_pages(growing)
+    def _resident_limit(self, n_pages: int, capacity: int) -> int:
         if n_pages <= capacity:
             return n_pages
         return max(capacity - self._slot_count(capacity), 0)
@@ -145,7 +144,7 @@ class PagedStates:
         self.numel += -(-numel // CHUNK) * CHUNK
         while len(self.pages) * self.page_numel < self.numel:
             page = Page()
-            if len(self.resident_pages) < self._resident_limit(len(self.pages) + 1):
+            if len(self.resident_pages) < self._resident_limit(len(self.pages) + 1, self._capacity_pages(False)):
                 page.device_data = torch.zeros((2, self.page_numel), dtype=torch.float32, device=self.device)
             else:
                 page.host_data = self._host_zeros()
@@ -191,19 +190,21 @@ class PagedStates:
             # Host copies are written by the write-back stream; moves below run on the compute stream.
             torch.cuda.current_stream(self.device).wait_stream(self.out_stream)
         resident = self.resident_pages
-        limit = self._resident_limit(len(self.pages))
+        # Measured once: under "auto" the capacity counts what we hold, which evictions change.
+        capacity = self._capacity_pages(growing=False)
+        limit = self._resident_limit(len(self.pages), capacity)
         if len(resident) > limit:
             for k in sorted(resident, key=lambda k: (self.pages[k].last_used, k))[: len(resident) - limit]:
                 self.evict(k)
         else:
-            room = self._resident_limit(len(self.pages), growing=True) - len(resident)
+            room = self._resident_limit(len(self.pages), self._capacity_pages(growing=True)) - len(resident)
             for k in [k for k, page in enumerate(self.pages) if page.device_data is None][: max(room, 0)]:
                 self.promote(k)
         n_streamed = len(self.pages) - len(self.resident_pages)
         if n_streamed == 0:
             self.slots, self.slot_free = [], []
         elif not self.slots:
-            n_slots = self._slot_count(self._capacity_pages(False))
+            n_slots = self._slot_count(capacity)
             self.slots = [torch.empty((2, self.page_numel), dtype=torch.float32, device=self.device)
                           for _ in range(n_slots)]
             self.slot_free = [None] * n_slots
