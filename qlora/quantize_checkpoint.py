@@ -259,7 +259,8 @@ def quantize_checkpoint(
     if nf4_prefixes(headers):
         raise CheckpointError(f"{src}: already holds NF4 weights (quant_state keys); nothing to quantise")
     config = _read_config(src)
-    skip = tuple(s for item in skip for s in item.split(",") if s.strip())
+    skip = tuple(s.strip() for item in ([skip] if isinstance(skip, str) else skip)
+                 for s in item.split(",") if s.strip())
     for name in skip:
         if not any(module_matches(n[: -len(".weight")], name) for n in headers if n.endswith(".weight")):
             raise CheckpointError(f"--skip {name}: matches no module of {src}")

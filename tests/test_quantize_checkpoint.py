@@ -162,6 +162,16 @@ def test_skip_blocksize_and_no_double_quant(tmp_path, source):
     assert set(quant["llm_int8_skip_modules"]) == skipped | {"lm_head", "model.embed_tokens"}
 
 
+def test_skip_names_are_trimmed_and_a_single_string_is_one_name(tmp_path):
+    src = small_model(tmp_path / "m")
+    quantize_checkpoint(src, tmp_path / "a", skip=["up_proj, down_proj"], progress=False)
+    assert not any(isinstance(v, NF4Weight) for v in load_quantized_state_dict(tmp_path / "a").values())
+    quantize_checkpoint(src, tmp_path / "b", skip="layers.0.mlp.up_proj", progress=False)
+    loaded = load_quantized_state_dict(tmp_path / "b")
+    assert isinstance(loaded["model.layers.0.mlp.down_proj.weight"], NF4Weight)
+    assert not isinstance(loaded["model.layers.0.mlp.up_proj.weight"], NF4Weight)
+
+
 def test_single_safetensors_file_source(tmp_path):
     src = small_model(tmp_path / "m") / "model.safetensors"
     dst = tmp_path / "out"
