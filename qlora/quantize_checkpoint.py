@@ -166,8 +166,9 @@ def _copy_other_files(src_dir: Path, out_dir: Path) -> list[str]:
     for entry in sorted(src_dir.iterdir()):
         if entry.name.startswith(".") or entry.name in WEIGHT_FILES or entry.suffix in WEIGHT_SUFFIXES:
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, out_dir / entry.name)
+        if entry.is_dir():  # e.g. Llama 3's original/ holds pickled weights beside params.json
+            weights = shutil.ignore_patterns(".*", *(f"*{suffix}" for suffix in WEIGHT_SUFFIXES))
+            shutil.copytree(entry, out_dir / entry.name, ignore=weights)
         else:
             shutil.copy2(entry, out_dir / entry.name)
         copied.append(entry.name)

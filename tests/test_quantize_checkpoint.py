@@ -172,6 +172,19 @@ def test_skip_names_are_trimmed_and_a_single_string_is_one_name(tmp_path):
     assert not isinstance(loaded["model.layers.0.mlp.up_proj.weight"], NF4Weight)
 
 
+def test_other_files_are_copied_but_weight_files_are_not(tmp_path):
+    src = small_model(tmp_path / "m")
+    (src / "tokenizer.json").write_text("{}")
+    (src / "pytorch_model.bin").write_bytes(b"pickle")
+    (src / ".cache").mkdir()
+    (src / "original").mkdir()
+    (src / "original" / "params.json").write_text("{}")
+    (src / "original" / "consolidated.00.pth").write_bytes(b"pickle")
+    quantize_checkpoint(src, tmp_path / "out", progress=False)
+    copied = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*"))
+    assert copied == ["config.json", "model.safetensors", "original", "original/params.json", "tokenizer.json"]
+
+
 def test_single_safetensors_file_source(tmp_path):
     src = small_model(tmp_path / "m") / "model.safetensors"
     dst = tmp_path / "out"
