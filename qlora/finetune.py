@@ -358,6 +358,7 @@ def finetune(
     start_load = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlora-finetune-") as work_dir:
         net = load_model(model_dir, device, dtype, Path(work_dir))
+    torch.manual_seed(seed)  # the adapters' initialisation
     prepare_model(net, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype, gradient_checkpointing=grad_ckpt,
                   verbose=False)
     load_seconds = time.perf_counter() - start_load
