@@ -17,13 +17,13 @@ SMALL = dict(r=8, seq=64, batch=2, progress=False)
 def default_run(tmp_path_factory):
     """The default recipe (r 64, alpha 16, dropout 0.05, lr 2e-4, clip 0.3), shortened."""
     out = tmp_path_factory.mktemp("ft") / "adapter"
-    report = finetune(out=out, steps=12, seq=128, batch=4, progress=False)
+    report = finetune(out=out, steps=20, seq=128, batch=4, progress=False)
     return out, report
 
 
 def test_default_finetune_lowers_held_out_loss(default_run):
     out, report = default_run
-    assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.03, report
+    assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.03, report  # 2.244 -> 2.186 here
     assert (report["r"], report["alpha"], report["dropout"], report["lr"], report["max_grad_norm"]) == (64, 16, 0.05, 2e-4, 0.3)
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["held_out_loss_after"] == report["held_out_loss_after"]
