@@ -352,6 +352,11 @@ class _Plan:
 
     def __init__(self, optimizer: "PagedAdamW32bit", work: list) -> None:
         self.group_index = torch.tensor([gi for _, _, gi in work], dtype=torch.int64)
+        self.params = [p for p, _, _ in work]
+        # The step counts of these parameters, one buffer: state["step"] are 0-dim views of it,
+        # so a step increments them all with one op (a foreach over hundreds of CPU scalars
+        # costs more than the whole GPU update).
+        self.steps = torch.zeros(len(work), dtype=torch.float32)
         self.by_store: dict[torch.device, dict] = {}
         for index, (p, g, _) in enumerate(work):
             store, start = optimizer._ranges[p]
@@ -390,6 +395,12 @@ class _Plan:
                     "chunk_pages": chunks[:, 2].tolist(),
                     "chunks": chunks.to(device),
                 })
+
+    def adopt_steps(self, state) -> None:
+        """Take over the step counts (from views of another plan's buffer, or fresh tensors)."""
+        for i, p in enumerate(self.params):
+            self.steps[i] = state[p]["step"]
+            state[p]["step"] = self.steps[i]
 
 
 class PagedAdamW32bit(torch.optim.Optimizer):
@@ -437,6 +448,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         self._stores: dict[torch.device, PagedStates] = {}
         self._ranges: dict[torch.Tensor, tuple[PagedStates, int]] = {}
         self._plans: dict[tuple, _Plan] = {}
+        self._active_plan: _Plan | None = None
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -474,6 +486,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         if not new:  # a parameter whose state was dropped (load_state_dict without it)
             store.write(start, torch.zeros((2, p.numel()), dtype=torch.float32))
         self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
+        self._active_plan = None  # the step buffer must take this fresh tensor in
 
     def page_out(self) -> None:
         """Move all states to host memory (e.g. around evaluation or generation)."""
@@ -515,14 +528,15 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             if len(self._plans) > 8:
                 self._plans.clear()
             plan = self._plans[key] = _Plan(self, work)
-
-        steps = [self.state[p]["step"] for p, _, _ in work]
-        torch._foreach_add_(steps, 1.0)
+        if plan is not self._active_plan:
+            plan.adopt_steps(self.state)
+            self._active_plan = plan
+        plan.steps += 1
         hyper = torch.tensor(
             [[g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]] for g in self.param_groups],
             dtype=torch.float64,
         )[plan.group_index]
-        scalars = adamw_scalars(*hyper.unbind(1), torch.stack(steps).to(torch.float64))
+        scalars = adamw_scalars(*hyper.unbind(1), plan.steps.to(torch.float64))
         clip = None
         if self.max_grad_norm is not None:
             clip = grad_clip_factor([g for _, g, _ in work], self.max_grad_norm)
@@ -534,7 +548,11 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 update = self._kernel_update(store, entry, work, scalars, store_clip)
             else:
                 update = self._reference_update(store, entry, work, scalars.tolist(), store_clip)
-            store.run(entry["pages"], update)
+            if store.cuda:
+                with torch.cuda.device(store.device):  # Triton launches on the current device
+                    store.run(entry["pages"], update)
+            else:
+                store.run(entry["pages"], update)
         return loss
 
     @staticmethod
@@ -620,6 +638,8 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         id_map = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
         super().load_state_dict({"state": stripped, "param_groups": state_dict["param_groups"]})
+        self._plans.clear()
+        self._active_plan = None
         for i, (exp_avg, exp_avg_sq) in moments.items():
             p = id_map[i]
             state = self.state[p]
