@@ -86,6 +86,7 @@ class Shape:
     r: int = 64
     dropout: float = 0.05
     device: str = "cuda"  # dropout masks are bool on CUDA (fused kernel), compute-dtype tensors on the CPU
+    adapter_bytes: int = 4  # float32 LoRA weights (PEFT's default); 2 for bf16 adapters (the QLoRA paper's script)
 
 
 def layer_activation_bytes(config, mode: str, shape: Shape) -> tuple[int, int]:
@@ -126,8 +127,8 @@ def predict(config, mode: str, shape: Shape = Shape()) -> dict[str, int]:
                       bf16-lora: 2 (P_lin + VD + VD') + 4 (2L+1)D        (norms float32, as prepare_model)
                       qlora:     sum ceil(n/2) over linears + 2 (VD + VD') + 4 (2L+1)D
     quant_constants   qlora: per linear ceil(n/64) + 4 ceil(n/64/256) + 1092 (tables)
-    adapters          LoRA modes: 4 P_A (float32 A and B)
-    gradients         bf16-full: 2 x every parameter; LoRA modes: 4 P_A
+    adapters          LoRA modes: 4 P_A (float32 A and B; 2 P_A with bf16 adapters)
+    gradients         bf16-full: 2 x every parameter; LoRA modes: as the adapters
     optimizer_states  8 per trainable parameter (float32 exp_avg and exp_avg_sq), in PagedAdamW32bit's pages:
                       16 MiB x ceil(sum over tensors of ceil(n / 2048) * 2048 / 2^21); qlora-paged on a GPU:
                       the two 16 MiB streaming slots of its minimum budget (the rest is in pinned host memory)
@@ -160,8 +161,8 @@ def predict(config, mode: str, shape: Shape = Shape()) -> dict[str, int]:
         out["gradients"] = 2 * trainable
     else:
         trainable = p_adapter
-        out["adapters"] = 4 * p_adapter
-        out["gradients"] = 4 * p_adapter
+        out["adapters"] = shape.adapter_bytes * p_adapter
+        out["gradients"] = shape.adapter_bytes * p_adapter
         if mode == "bf16-lora":
             out["weights"] = 2 * (p_lin + p_embed) + 4 * p_norm
         else:
@@ -290,8 +291,14 @@ def build_random_model(config, mode: str, shape: Shape, device: torch.device, se
         model.enable_input_require_grads()
         model.gradient_checkpointing = shape.grad_ckpt
         return model
-    return prepare_model(model, r=shape.r, alpha=16, dropout=shape.dropout, gradient_checkpointing=shape.grad_ckpt,
-                         verbose=False)
+    model = prepare_model(model, r=shape.r, alpha=16, dropout=shape.dropout, gradient_checkpointing=shape.grad_ckpt,
+                          verbose=False)
+    if shape.adapter_bytes == 2:
+        for module in model.modules():
+            if isinstance(module, QuantLoRALinear) and module.r > 0:
+                module.lora_A.to(torch.bfloat16)
+                module.lora_B.to(torch.bfloat16)
+    return model
 
 
 def _static_bytes(model, optimizer=None) -> dict[str, int]:
@@ -480,12 +487,13 @@ def write_png(rows: list[dict], path: Path, title: str) -> None:
 
 def bench_memory(preset: str | None = None, config_path: str | None = None, seq: int = 2048, batch: int = 1,
                  grad_ckpt: bool = False, r: int = 64, dropout: float = 0.05, modes=MODES, measure_step: bool = False,
-                 device: str | None = None) -> dict:
+                 device: str | None = None, bf16_adapters: bool = False) -> dict:
     from qlora.llama import load_config
 
     config = preset_config(preset) if preset else load_config(config_path)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    shape = Shape(seq=seq, batch=batch, grad_ckpt=grad_ckpt, r=r, dropout=dropout, device=torch.device(device).type)
+    shape = Shape(seq=seq, batch=batch, grad_ckpt=grad_ckpt, r=r, dropout=dropout, device=torch.device(device).type,
+                  adapter_bytes=2 if bf16_adapters else 4)
     rows = []
     for mode in modes:
         predicted = predict(config, mode, shape)
@@ -509,6 +517,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing per decoder layer")
     parser.add_argument("--r", type=int, default=64, help="LoRA rank (default 64)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")
+    parser.add_argument("--bf16-adapters", action="store_true", help="LoRA weights in bf16 (default float32)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--measure", action="store_true",
                         help="also run one real training step (on the CPU: only sensible for small configs)")
@@ -529,7 +538,7 @@ def run(args) -> int:
         raise UserError("--seq must be at least 2, --batch and --r at least 1")
     try:
         result = bench_memory(args.preset, args.config, args.seq, args.batch, args.grad_ckpt, args.r, args.dropout,
-                              modes, args.measure, args.device)
+                              modes, args.measure, args.device, args.bf16_adapters)
     except ConfigError as err:
         raise UserError(str(err)) from None
     title = (f"{result['model']}: seq {args.seq}, batch {args.batch}, r {args.r}, "
