@@ -162,9 +162,11 @@ def _adamw_chunks_kernel(
 ):
     chunk_row = chunk_table_ptr + (first_chunk + tl.program_id(0)).to(tl.int64) * 4
     tensor = tl.load(chunk_row)
-    start = tl.load(chunk_row + 1)
+    # Chunks start at multiples of BLOCK in their tensor and page: telling the compiler (with the
+    # bases' alignment) is what keeps the loads and stores 16 bytes wide.
+    start = tl.multiple_of(tl.load(chunk_row + 1), BLOCK)
     page = tl.load(chunk_row + 2)
-    in_page = tl.load(chunk_row + 3)
+    in_page = tl.multiple_of(tl.load(chunk_row + 3), BLOCK)
 
     tensor_row = tensor_table_ptr + tensor * 3
     param_off = tl.multiple_of(tl.load(tensor_row), PARAM_ALIGN) + start
@@ -182,18 +184,40 @@ def _adamw_chunks_kernel(
     step_size = tl.load(scalar_row + 4)
     bias_correction2_sqrt = tl.load(scalar_row + 5)
     eps = tl.load(scalar_row + 6)
+    clip = 1.0
+    if HAS_CLIP:
+        clip = tl.load(clip_factor_ptr)
 
     offsets = tl.arange(0, BLOCK)
-    mask = start + offsets < numel
     p_ptrs = param_base_ptr + param_off + offsets
+    g_ptrs = grad_base_ptr + grad_off + offsets
     m_ptrs = state_base_ptr + exp_avg_off + offsets
     v_ptrs = state_base_ptr + exp_avg_sq_off + offsets
-    p = tl.load(p_ptrs, mask=mask).to(tl.float32)
-    g = tl.load(grad_base_ptr + grad_off + offsets, mask=mask).to(tl.float32)
-    m = tl.load(m_ptrs, mask=mask)
-    v = tl.load(v_ptrs, mask=mask)
+    # Whole chunks go unmasked: a mask against a numel read from memory would stop the
+    # compiler from vectorising; only a tensor's last chunk pays for one.
+    if start + BLOCK <= numel:
+        _adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, offsets < BLOCK, clip, decay, one_minus_beta1, beta2,
+                     one_minus_beta2, step_size, bias_correction2_sqrt, eps, HAS_CLIP, False)
+    else:
+        _adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, start + offsets < numel, clip, decay, one_minus_beta1, beta2,
+                     one_minus_beta2, step_size, bias_correction2_sqrt, eps, HAS_CLIP, True)
+
+
+@triton.jit
+def _adamw_block(p_ptrs, g_ptrs, m_ptrs, v_ptrs, mask, clip, decay, one_minus_beta1, beta2, one_minus_beta2,
+                 step_size, bias_correction2_sqrt, eps, HAS_CLIP: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        p = tl.load(p_ptrs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptrs, mask=mask).to(tl.float32)
+        m = tl.load(m_ptrs, mask=mask)
+        v = tl.load(v_ptrs, mask=mask)
+    else:
+        p = tl.load(p_ptrs).to(tl.float32)
+        g = tl.load(g_ptrs).to(tl.float32)
+        m = tl.load(m_ptrs)
+        v = tl.load(v_ptrs)
     if HAS_CLIP:
-        g = g * tl.load(clip_factor_ptr)
+        g = g * clip
 
     p = p * decay
     # torch's lerp: two formulas that meet at weight 0.5, each exact at its own end, one fma each.
@@ -204,12 +228,18 @@ def _adamw_chunks_kernel(
     denom = tl.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
     p = p - step_size * tl.div_rn(m, denom)
 
-    if param_base_ptr.dtype.element_ty == tl.bfloat16:
-        tl.store(p_ptrs, _round_to_bfloat16(p), mask=mask)
+    if p_ptrs.dtype.element_ty == tl.bfloat16:
+        p_out = _round_to_bfloat16(p)
     else:
-        tl.store(p_ptrs, p.to(param_base_ptr.dtype.element_ty), mask=mask)
-    tl.store(m_ptrs, m, mask=mask)
-    tl.store(v_ptrs, v, mask=mask)
+        p_out = p.to(p_ptrs.dtype.element_ty)
+    if MASKED:
+        tl.store(p_ptrs, p_out, mask=mask)
+        tl.store(m_ptrs, m, mask=mask)
+        tl.store(v_ptrs, v, mask=mask)
+    else:
+        tl.store(p_ptrs, p_out)
+        tl.store(m_ptrs, m)
+        tl.store(v_ptrs, v)
 
 
 def adamw_chunks_(
