@@ -211,3 +211,47 @@ def test_make_chunks_rejects_misaligned_layouts():
         adamw.make_chunks([0], [10], [adamw.CHUNK // 2], 4 * adamw.CHUNK)
     with pytest.raises(ValueError, match="page_numel"):
         adamw.make_chunks([0], [10], [0], adamw.CHUNK + 1)
+
+
+_COMPILE_FOR_H100 = r"""
+import os, re, sys
+os.environ["TRITON_INTERPRET"] = "0"
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qlora.kernels import adamw
+param_dtype, param_align = sys.argv[1], int(sys.argv[2])
+signature = {"param_base_ptr": "*" + param_dtype, "grad_base_ptr": "*fp32", "state_base_ptr": "*fp32",
+             "tensor_table_ptr": "*i64", "scalars_ptr": "*fp32", "chunk_table_ptr": "*i64",
+             "page_table_ptr": "*i64", "clip_factor_ptr": "*fp32", "first_chunk": "i32",
+             "HAS_CLIP": "constexpr", "PARAM_ALIGN": "constexpr", "GRAD_ALIGN": "constexpr", "BLOCK": "constexpr"}
+constexprs = {"HAS_CLIP": True, "PARAM_ALIGN": param_align, "GRAD_ALIGN": 4, "BLOCK": adamw.CHUNK}
+attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # what a launch with aligned tensors specialises
+kernel = triton.compile(ASTSource(fn=adamw._adamw_chunks_kernel, signature=signature, constexprs=constexprs,
+                                  attrs=attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+ptx = kernel.asm["ptx"]
+for name in ("ld.global.v4", "st.global.v4", "div.rn.f32", "sqrt.rn.f32", "div.full.f32", "sqrt.approx"):
+    print(name, len(re.findall(re.escape(name), ptx)))
+"""
+
+
+@pytest.mark.parametrize("param_dtype,param_align,param_vectors", [("fp32", 4, 4), ("bf16", 8, 2)])
+def test_kernel_compiles_for_h100_with_16_byte_memory_ops(param_dtype, param_align, param_vectors):
+    # No GPU needed: Triton compiles for sm_90 on the CPU. Whole chunks must load and store 16 bytes
+    # at a time (the update is memory-bound) and use round-to-nearest division and square root.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
+    out = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, param_dtype, str(param_align)],
+                         capture_output=True, text=True, env=env, timeout=300,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = {name: int(n) for name, n in (line.split() for line in out.stdout.splitlines())}
+    # 2048 elements over 128 threads: 16 per thread; param vectors, then grad, exp_avg, exp_avg_sq.
+    assert counts["ld.global.v4"] >= param_vectors + 3 * 4
+    assert counts["st.global.v4"] >= param_vectors + 2 * 4
+    assert counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0
+    assert counts["div.full.f32"] == 0 and counts["sqrt.approx"] == 0
