@@ -99,8 +99,9 @@ def grad_clip_factor(grads: Sequence[torch.Tensor], max_norm: float) -> torch.Te
         by_device.setdefault((g.device, g.dtype), []).append(g)
     norms = []
     for group in by_device.values():
-        norms.extend(n.to(device=device, dtype=torch.float32, non_blocking=True)
-                     for n in torch._foreach_norm(group, 2.0))
+        # Accumulated and returned in float32 whatever the gradients' dtype.
+        norms.extend(n.to(device=device, non_blocking=True)
+                     for n in torch._foreach_norm(group, 2.0, dtype=torch.float32))
     total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
     return torch.clamp(max_norm / (total + 1e-6), max=1.0).reshape(1)
 
