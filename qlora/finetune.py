@@ -277,7 +277,7 @@ def finetune(
     model: str | os.PathLike | None = None,
     data: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
-    steps: int = 40,
+    steps: int = 100,
     r: int = 64,
     alpha: float = 16,
     dropout: float = 0.05,
@@ -433,7 +433,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", help="a .txt file, or a .jsonl with a \"text\" field per line "
                                        "(default: the embedded text); the last fifth is held out")
     parser.add_argument("--out", help=f"output directory for the adapter and report (default: {DEFAULT_OUT})")
-    parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
     parser.add_argument("--r", type=int, default=64, help="LoRA rank (default 64)")
     parser.add_argument("--alpha", type=float, default=16, help="LoRA alpha (default 16)")
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (default 0.05)")

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.utils._python_dispatch
+import torch.utils._pytree
 from torch import nn
 
 MODES = ("bf16-full", "bf16-lora", "qlora", "qlora-paged")
