@@ -400,3 +400,20 @@ def test_cuda_trajectory_with_streaming(budget):
     store = opt.store("cuda")
     if budget != "auto":
         assert store.device_bytes <= budget and store.bytes_streamed > 0
+    # Round trip through a resident optimizer, then page everything out and keep going.
+    saved = opt.state_dict()
+    copies = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    other = PagedAdamW32bit(copies, gpu_budget="auto", page_size=PAGE)
+    other.load_state_dict(saved)
+    _assert_state_dicts_equal(other.state_dict(), saved)
+    opt.page_out()
+    assert store.device_bytes == 0
+    for step in range(31, 36):
+        for params in (ours, theirs, copies):
+            _set_grads(params, step)
+        opt.step()
+        ref.step()
+        other.step()
+    for a, b, c in zip(ours, theirs, copies):
+        _assert_rel(a, b, 1e-6)
+        assert torch.equal(a, c)
