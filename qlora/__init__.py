@@ -3,9 +3,11 @@ from qlora.codebook import dynamic_map, nf4_codebook
 from qlora.nf4 import NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
 from qlora.layer import QuantLoRALinear
 from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
+from qlora.optim import PagedAdamW32bit
 
 __all__ = [
     "NF4Weight",
+    "PagedAdamW32bit",
     "QuantLoRALinear",
     "dynamic_map",
     "load_adapter",
