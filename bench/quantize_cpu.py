@@ -1,12 +1,12 @@
 """CPU quantise throughput (parameters/s): qlora's reference against bitsandbytes' CPU quantiser.
 
-    python bench/quantize_cpu.py [--repeats 5] [--threads N]
+    python bench/quantize_cpu.py [--repeats 7] [--threads N]
 
 Measured in the same run, same process, same threads:
   1. one 4096x4096 bf16 tensor, N(0, 0.02), NF4 with double quantisation, block 64;
   2. the embedded tiny Llama: every linear weight quantised in memory by each library, and
      qlora's whole `quantize` command (read, quantise, write shards) on it, I/O included.
-Each figure is the median of --repeats runs after one warm-up.
+Each figure: best and median of --repeats runs after one warm-up, the quantisers taking turns.
 """
 from __future__ import annotations
 
@@ -19,19 +19,23 @@ import time
 import torch
 
 
-def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up: tables, allocator, lazy imports
-    times = []
+def interleaved_seconds(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """{label: (best, median)} seconds. The functions take turns (A B A B ...) so that load from
+    other processes on a shared machine falls on all of them alike; best is the least disturbed."""
+    for fn in fns.values():
+        fn()  # warm-up: tables, allocator, lazy imports
+    times = {label: [] for label in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[label].append(time.perf_counter() - start)
+    return {label: (min(t), statistics.median(t)) for label, t in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -56,28 +60,34 @@ def main() -> None:
     rows = []
 
     w = (torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(torch.bfloat16)
-    for label, fn in (("qlora quantize_nf4", ours_quantize), ("bitsandbytes quantize_4bit", bnb_quantize)):
-        seconds = median_seconds(lambda: fn(w), args.repeats)
-        rows.append(("4096x4096 bf16", label, w.numel(), seconds))
+    results = interleaved_seconds({"qlora quantize_nf4": lambda: ours_quantize(w),
+                                   "bitsandbytes quantize_4bit": lambda: bnb_quantize(w)}, args.repeats)
+    rows += [("4096x4096 bf16", label, w.numel(), *times) for label, times in results.items()]
 
     tensors = load_file(DEFAULT_MODEL / "model.safetensors")
     linears, _ = plan_quantization(tensor_headers(DEFAULT_MODEL), ("lm_head",))
     linear_params = sum(tensors[n].numel() for n in linears)
-    for label, fn in (("qlora quantize_nf4", ours_quantize), ("bitsandbytes quantize_4bit", bnb_quantize)):
-        seconds = median_seconds(lambda: [fn(tensors[n]) for n in linears], args.repeats)
-        rows.append((f"tiny Llama, {len(linears)} linears in memory", label, linear_params, seconds))
-
     all_params = sum(t.numel() for t in tensors.values())
     with tempfile.TemporaryDirectory() as tmp:
-        seconds = median_seconds(
-            lambda: quantize_checkpoint(DEFAULT_MODEL, os.path.join(tmp, "out"), force=True, progress=False),
-            args.repeats)
-    rows.append(("tiny Llama, whole checkpoint (I/O incl.)", "qlora quantize", all_params, seconds))
+        results = interleaved_seconds({
+            "qlora quantize_nf4": lambda: [ours_quantize(tensors[n]) for n in linears],
+            "bitsandbytes quantize_4bit": lambda: [bnb_quantize(tensors[n]) for n in linears],
+            "qlora quantize (CLI path)": lambda: quantize_checkpoint(
+                DEFAULT_MODEL, os.path.join(tmp, "out"), force=True, progress=False),
+        }, args.repeats)
+    for label, times in results.items():
+        if label.endswith("(CLI path)"):
+            rows.append(("tiny Llama, whole checkpoint, I/O incl.", label, all_params, *times))
+        else:
+            rows.append((f"tiny Llama, {len(linears)} linears in memory", label, linear_params, *times))
 
     width = max(len(r[0]) for r in rows)
-    print(f"{'workload':<{width}}  {'quantiser':<27} {'params':>10} {'median s':>9} {'Mparams/s':>10}")
-    for workload, label, params, seconds in rows:
-        print(f"{workload:<{width}}  {label:<27} {params:>10,} {seconds:>9.4f} {params / seconds / 1e6:>10.2f}")
+    print(f"{'workload':<{width}}  {'quantiser':<27} {'params':>10} {'best s':>8} {'median s':>9} "
+          f"{'Mparams/s best':>15} {'median':>7}")
+    for workload, label, params, best, median in rows:
+        print(f"{workload:<{width}}  {label:<27} {params:>10,} {best:>8.4f} {median:>9.4f} "
+              f"{params / best / 1e6:>15.1f} {params / median / 1e6:>7.1f}")
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":
