@@ -1,21 +1,26 @@
 """qlora: NF4 quantisation, 4-bit LoRA fine-tuning and paged AdamW, in bitsandbytes' format."""
 from qlora.codebook import dynamic_map, nf4_codebook
+from qlora.checkpoint import CheckpointError, load_quantized_state_dict
 from qlora.nf4 import NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
 from qlora.layer import QuantLoRALinear
 from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
 from qlora.optim import PagedAdamW32bit
+from qlora.quantize_checkpoint import quantize_checkpoint
 
 __all__ = [
+    "CheckpointError",
     "NF4Weight",
     "PagedAdamW32bit",
     "QuantLoRALinear",
     "dynamic_map",
     "load_adapter",
     "load_quantized",
+    "load_quantized_state_dict",
     "nf4_codebook",
     "nf4_linear",
     "nf4_linear_grad_input",
     "prepare_model",
+    "quantize_checkpoint",
     "quantize_nf4",
     "save_adapter",
 ]

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 # Elements per chunk of the reference (a multiple of every allowed blocksize).
-REFERENCE_CHUNK = 1 << 22
+REFERENCE_CHUNK = 1 << 20
 NESTED_BLOCKSIZE = 256
 
 
