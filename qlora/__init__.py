@@ -5,6 +5,7 @@ from qlora.nf4 import NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
 from qlora.layer import QuantLoRALinear
 from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
 from qlora.optim import PagedAdamW32bit
+from qlora.finetune import finetune
 from qlora.quantize_checkpoint import quantize_checkpoint
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "PagedAdamW32bit",
     "QuantLoRALinear",
     "dynamic_map",
+    "finetune",
     "load_adapter",
     "load_quantized",
     "load_quantized_state_dict",
