@@ -36,6 +36,7 @@ DEFAULT_PAGE_SIZE = 16 << 20  # bytes of state per page (both moments): 2M param
 STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each
 STREAM_SLOTS = 3               # device slots streamed pages pass through (2 would serialise compute)
 AUTO_RESERVE_FRACTION = 0.05   # "auto" leaves this much of the device free for activations
+UNLIMITED_PAGES = 1 << 62      # capacity with no budget to follow
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -121,7 +122,7 @@ class PagedStates:
 
     def _capacity_pages(self, growing: bool) -> int:
         if self.budget is None or (self.budget == "auto" and self.headroom is None):
-            return len(self.pages)
+            return UNLIMITED_PAGES
         if self.budget == "auto":
             # Evict below one reserve of headroom, grow back only above two: no flapping.
             spare = self.headroom() - (2 if growing else 1) * self.reserve
@@ -182,6 +183,9 @@ class PagedStates:
             return
         page.device_data = torch.empty((2, self.page_numel), dtype=torch.float32, device=self.device)
         page.device_data.copy_(page.host_data, non_blocking=self.cuda)
+        # The device copy is authoritative now; keeping the host one would hold the states twice.
+        # (The caching host allocator keeps pinned memory alive until the async copy is done.)
+        page.host_data = None
         self.bytes_paged += self.page_bytes
 
     def fit(self) -> None:

@@ -237,6 +237,20 @@ def test_auto_budget_evicts_least_recently_used_and_grows_back():
         assert torch.equal(store.pages[k].device_data, torch.full((2, PAGE_NUMEL), float(k)))
 
 
+def test_unlimited_states_are_held_once():
+    params = _params()
+    opt = PagedAdamW32bit(params, lr=1e-3, gpu_budget="auto", page_size=PAGE)
+    _set_grads(params, 1)
+    opt.step()
+    store = opt.store("cpu")
+    assert store.pages and store.resident_pages == list(range(len(store.pages)))
+    # A resident page must not keep a second, host-side copy of the states.
+    assert all(page.host_data is None for page in store.pages)
+    opt.page_out()
+    opt.page_in()
+    assert all(page.host_data is None for page in store.pages)
+
+
 def test_page_out_and_page_in(path):
     ours, theirs = _params(), _params()
     opt = PagedAdamW32bit(ours, lr=1e-2, weight_decay=0.1, gpu_budget=64 * PAGE, page_size=PAGE)
