@@ -46,7 +46,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     from qlora.nf4 import quantize_nf4
-    from qlora.quantize_checkpoint import DEFAULT_MODEL, plan_quantization, quantize_checkpoint
+    from qlora.convert import DEFAULT_MODEL, plan_quantization, quantize_checkpoint
     from qlora.checkpoint import tensor_headers
 
     def bnb_quantize(w):

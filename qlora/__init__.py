@@ -6,7 +6,7 @@ from qlora.layer import QuantLoRALinear
 from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
 from qlora.optim import PagedAdamW32bit
 from qlora.finetune import finetune
-from qlora.quantize_checkpoint import quantize_checkpoint
+from qlora.convert import quantize_checkpoint
 
 __all__ = [
     "CheckpointError",

@@ -10,7 +10,7 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "quantize": ("qlora.quantize_checkpoint", "quantise a checkpoint to NF4 offline (bitsandbytes / HF layout)"),
+    "quantize": ("qlora.convert", "quantise a checkpoint to NF4 offline (bitsandbytes / HF layout)"),
     "inspect": ("qlora.checkpoint_info", "list a checkpoint's tensors, formats, sizes and bits per parameter"),
     "finetune": ("qlora.finetune", "fine-tune a 4-bit model with LoRA adapters"),
     "bench-memory": ("qlora.memory", "predict (and on a GPU measure) training memory by component"),

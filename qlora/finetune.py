@@ -200,7 +200,7 @@ def load_model(model_dir: Path, device: torch.device, compute_dtype: torch.dtype
         raise _user_error(str(err)) from None
     quantised_dir = model_dir
     if not is_quantised(model_dir):
-        from qlora.quantize_checkpoint import quantize_checkpoint
+        from qlora.convert import quantize_checkpoint
 
         quantised_dir = work_dir / "nf4"
         quantize_checkpoint(model_dir, quantised_dir, compute_dtype=str(compute_dtype).removeprefix("torch."),

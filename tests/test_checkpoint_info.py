@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.checkpoint_info import add_reconstruction_errors, describe_checkpoint
 from qlora.cli import main
-from qlora.quantize_checkpoint import DEFAULT_MODEL, quantize_checkpoint
+from qlora.convert import DEFAULT_MODEL, quantize_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from qlora.checkpoint import load_quantized_state_dict
 from qlora.checkpoint_info import describe_checkpoint
 from qlora.nf4 import NF4Weight
-from qlora.quantize_checkpoint import DEFAULT_MODEL, quantize_checkpoint
+from qlora.convert import DEFAULT_MODEL, quantize_checkpoint
 
 transformers = pytest.importorskip("transformers")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -126,7 +126,7 @@ def test_qlora_and_transformers_write_the_same_layout(transformers_saved, qlora_
 
 def test_sharded_qlora_checkpoint_from_the_cli_loads_in_transformers(tmp_path):
     from qlora.cli import main
-    from test_quantize_checkpoint import make_sharded_copy
+    from test_convert import make_sharded_copy
 
     src = make_sharded_copy(DEFAULT_MODEL, tmp_path / "sharded", n_shards=3)
     dst = tmp_path / "nf4"

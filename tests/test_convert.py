@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import qlora.quantize_checkpoint as qc
+import qlora.convert as qc
 from qlora.checkpoint import INDEX_FILE, load_quantized_state_dict, load_state_dict
 from qlora.cli import main
 from qlora.nf4 import NF4Weight, quantize_nf4
-from qlora.quantize_checkpoint import DEFAULT_MODEL, quantize_checkpoint
+from qlora.convert import DEFAULT_MODEL, quantize_checkpoint
 
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -379,7 +379,7 @@ def test_module_matching_follows_module_boundaries():
 MEMORY_PROBE = r"""
 import resource, sys, torch
 from qlora.nf4 import quantize_nf4
-from qlora.quantize_checkpoint import quantize_checkpoint
+from qlora.convert import quantize_checkpoint
 quantize_nf4(torch.randn(4096).bfloat16())  # first use builds the tables (imports scipy): not the checkpoint's cost
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 quantize_checkpoint(sys.argv[1], sys.argv[2], progress=False, max_shard_bytes=64 * 2**20)
