@@ -293,14 +293,9 @@ def build_random_model(config, mode: str, shape: Shape, device: torch.device, se
         model.enable_input_require_grads()
         model.gradient_checkpointing = shape.grad_ckpt
         return model
-    model = prepare_model(model, r=shape.r, alpha=16, dropout=shape.dropout, gradient_checkpointing=shape.grad_ckpt,
-                          verbose=False)
-    if shape.adapter_bytes == 2:
-        for module in model.modules():
-            if isinstance(module, QuantLoRALinear) and module.r > 0:
-                module.lora_A.to(torch.bfloat16)
-                module.lora_B.to(torch.bfloat16)
-    return model
+    adapter_dtype = torch.bfloat16 if shape.adapter_bytes == 2 else torch.float32
+    return prepare_model(model, r=shape.r, alpha=16, dropout=shape.dropout, gradient_checkpointing=shape.grad_ckpt,
+                         verbose=False, adapter_dtype=adapter_dtype)
 
 
 def _static_bytes(model, optimizer=None) -> dict[str, int]:

@@ -127,10 +127,14 @@ def prepare_model(
     double_quant: bool = True,
     gradient_checkpointing: bool = False,
     verbose: bool = True,
+    adapter_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Quantise the chosen linears to NF4 with LoRA adapters, freeze everything else, keep norms in
     float32 and make inputs require grad (so gradient checkpointing works). Layers already quantised
-    (by load_quantized) just get adapters. Modifies and returns the model."""
+    (by load_quantized) just get adapters. Modifies and returns the model.
+
+    adapter_dtype: float32 is PEFT's default; bfloat16 (the QLoRA paper's script) halves the
+    adapters, their gradients and what the optimizer reads."""
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
     names = select_targets(model, target_modules, skip)
@@ -142,13 +146,14 @@ def prepare_model(
             if module.r > 0:
                 raise ValueError(f"{name}: already has an adapter (r={module.r})")
             module.compute_dtype = compute_dtype
-            module.add_adapter(r, alpha, dropout, use_rslora)
+            module.add_adapter(r, alpha, dropout, use_rslora, dtype=adapter_dtype)
         else:
             if module.weight.is_meta:
                 raise ValueError(f"{name}: weight is on the meta device; fill the model with load_quantized first")
             _set_submodule(model, name, QuantLoRALinear.from_linear(
                 module, r=r, alpha=alpha, dropout=dropout, compute_dtype=compute_dtype,
-                use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant))
+                use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant,
+                adapter_dtype=adapter_dtype))
     for module in model.modules():
         if _is_norm(module):
             for p in module.parameters(recurse=False):

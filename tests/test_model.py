@@ -313,3 +313,25 @@ def test_any_torch_model_trains_adapters_under_reentrant_checkpointing():
     for name, grad in plain.items():
         assert checkpointed[name] is not None, name
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_prepare_model_with_bfloat16_adapters_trains_in_bfloat16():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    model = prepare_model(base, r=8, alpha=16, dropout=0.0, skip=(), adapter_dtype=torch.bfloat16, verbose=False)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert len(adapters) == 4 and all(p.dtype == torch.bfloat16 for p in adapters)
+    for layer in (model[0], model[2]):
+        nn.init.normal_(layer.lora_B.weight, std=0.1)
+    x = torch.randn(5, 64)
+    out = model(x)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.bfloat16 and p.grad.abs().sum() > 0 for p in adapters)
+
+    def reference(layer, h):  # float64: dequantised base + scale * B A, from the bf16 adapter values
+        w = layer.nf4_weight.dequantize(torch.float32).double()
+        a, b = layer.lora_A.weight.double(), layer.lora_B.weight.double()
+        return h @ (w + (16 / 8) * b @ a).T + layer.bias.double()
+
+    expected = reference(model[2], torch.relu(reference(model[0], x.double())))
+    assert (out.double() - expected).norm() / expected.norm() < 2e-2  # bf16 compute
