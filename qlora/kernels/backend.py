@@ -49,3 +49,20 @@ def use_triton(t: torch.Tensor) -> bool:
 def on_gpu(t: torch.Tensor) -> bool:
     """Compiled (not interpreted) Triton: the kernels may use PTX inline assembly."""
     return t.is_cuda and not INTERPRET
+
+
+def dispatching_op(name: str, schema: str, fake):
+    """Decorator: the torch.library op qlora::name from `choose(use_triton) -> implementation`.
+
+    Each call runs the implementation choose returns (it is asked at every call, so a test can swap
+    one in) for use_triton of the first argument; fake gives the output shapes under torch.compile,
+    which keeps the op in the graph as one opaque node. Returns the op, for register_autograd."""
+    def register(choose):
+        def run(*args):
+            return choose(use_triton(args[0]))(*args)
+
+        op = torch.library.custom_op(f"qlora::{name}", run, mutates_args=(), schema=schema)
+        op.register_fake(fake)
+        return op
+
+    return register

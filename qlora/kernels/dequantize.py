@@ -141,29 +141,26 @@ def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
     return out
 
 
-def _dequantize_nf4_eager(packed, absmax, quant_map, numel, blocksize, dtype,
-                          nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
-    if backend.use_triton(packed):
-        return dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
-                                     nested_absmax, nested_code, offset)
+def _dequantize_nf4_any_reference(packed, absmax, quant_map, numel, blocksize, dtype,
+                                  nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
+    """dequantize_nf4's contract in torch: a nested absmax is decoded first."""
     if nested_absmax is not None:
         absmax = dequantize_absmax_reference(absmax, nested_absmax, nested_code, offset)
     return dequantize_nf4_reference(packed, absmax, quant_map, numel, blocksize, dtype)
 
 
-@torch.library.custom_op(
-    "qlora::dequantize_nf4", mutates_args=(),
-    schema="(Tensor packed, Tensor absmax, Tensor quant_map, int numel, int blocksize, ScalarType dtype, "
-           "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset) -> Tensor",
-)
-def _dequantize_nf4_op(packed, absmax, quant_map, numel, blocksize, dtype, nested_absmax, nested_code, offset):
-    return _dequantize_nf4_eager(packed, absmax, quant_map, numel, blocksize, dtype,
-                                 nested_absmax, nested_code, offset)
-
-
-@_dequantize_nf4_op.register_fake
-def _(packed, absmax, quant_map, numel, blocksize, dtype, nested_absmax, nested_code, offset):
+def _dequantize_nf4_fake(packed, absmax, quant_map, numel, blocksize, dtype, nested_absmax, nested_code, offset):
     return packed.new_empty(numel, dtype=dtype)
+
+
+@backend.dispatching_op(
+    "dequantize_nf4",
+    "(Tensor packed, Tensor absmax, Tensor quant_map, int numel, int blocksize, ScalarType dtype, "
+    "Tensor? nested_absmax, Tensor? nested_code, Tensor? offset) -> Tensor",
+    _dequantize_nf4_fake,
+)
+def _dequantize_nf4_op(use_triton: bool):
+    return dequantize_nf4_triton if use_triton else _dequantize_nf4_any_reference
 
 
 def dequantize_nf4(

@@ -265,32 +265,25 @@ _WEIGHT_SCHEMA = ("Tensor packed, Tensor absmax, Tensor quant_map, int out_featu
                   "int blocksize, Tensor? nested_absmax, Tensor? nested_code, Tensor? offset")
 
 
-@torch.library.custom_op("qlora::nf4_linear", mutates_args=(),
-                         schema=f"(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias) -> Tensor")
-def _nf4_linear_op(x, packed, absmax, quant_map, out_features, in_features, blocksize,
-                   nested_absmax, nested_code, offset, bias):
-    impl = nf4_linear_triton if backend.use_triton(x) else nf4_linear_reference
-    return impl(x, packed, absmax, quant_map, out_features, in_features, blocksize,
-                nested_absmax, nested_code, offset, bias)
-
-
-@_nf4_linear_op.register_fake
-def _(x, packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset, bias):
+def _nf4_linear_fake(x, packed, absmax, quant_map, out_features, in_features, blocksize,
+                     nested_absmax, nested_code, offset, bias):
     return x.new_empty(*x.shape[:-1], out_features)
 
 
-@torch.library.custom_op("qlora::nf4_linear_grad_input", mutates_args=(),
-                         schema=f"(Tensor grad_out, {_WEIGHT_SCHEMA}) -> Tensor")
-def _nf4_linear_grad_input_op(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
-                              nested_absmax, nested_code, offset):
-    impl = nf4_linear_grad_input_triton if backend.use_triton(grad_out) else nf4_linear_grad_input_reference
-    return impl(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
-                nested_absmax, nested_code, offset)
-
-
-@_nf4_linear_grad_input_op.register_fake
-def _(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset):
+def _nf4_linear_grad_input_fake(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
+                                nested_absmax, nested_code, offset):
     return grad_out.new_empty(*grad_out.shape[:-1], in_features)
+
+
+@backend.dispatching_op("nf4_linear", f"(Tensor x, {_WEIGHT_SCHEMA}, Tensor? bias) -> Tensor", _nf4_linear_fake)
+def _nf4_linear_op(use_triton: bool):
+    return nf4_linear_triton if use_triton else nf4_linear_reference
+
+
+@backend.dispatching_op("nf4_linear_grad_input", f"(Tensor grad_out, {_WEIGHT_SCHEMA}) -> Tensor",
+                        _nf4_linear_grad_input_fake)
+def _nf4_linear_grad_input_op(use_triton: bool):
+    return nf4_linear_grad_input_triton if use_triton else nf4_linear_grad_input_reference
 
 
 def _setup_context(ctx, inputs, output):

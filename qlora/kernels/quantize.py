@@ -179,35 +179,29 @@ def quantize_absmax_triton(absmax: torch.Tensor, nested_blocksize: int = NESTED_
     return codes, nested_absmax, offset
 
 
-@torch.library.custom_op("qlora::quantize_nf4_blocks", mutates_args=(),
-                         schema="(Tensor x, int blocksize) -> (Tensor, Tensor)")
-def _quantize_nf4_blocks_op(x, blocksize):
-    if backend.use_triton(x):
-        return quantize_nf4_blocks_triton(x, blocksize)
-    return quantize_nf4_blocks_reference(x, blocksize)
-
-
-@_quantize_nf4_blocks_op.register_fake
-def _(x, blocksize):
+def _quantize_nf4_blocks_fake(x, blocksize):
     numel = x.numel()
     return (x.new_empty((numel + 1) // 2, dtype=torch.uint8),
             x.new_empty(-(-numel // blocksize), dtype=torch.float32))
 
 
-@torch.library.custom_op("qlora::quantize_absmax", mutates_args=(),
-                         schema="(Tensor absmax, int nested_blocksize) -> (Tensor, Tensor, Tensor)")
-def _quantize_absmax_op(absmax, nested_blocksize):
-    if backend.use_triton(absmax):
-        return quantize_absmax_triton(absmax, nested_blocksize)
-    return quantize_absmax_reference(absmax, nested_blocksize)
-
-
-@_quantize_absmax_op.register_fake
-def _(absmax, nested_blocksize):
+def _quantize_absmax_fake(absmax, nested_blocksize):
     n = absmax.numel()
     return (absmax.new_empty(n, dtype=torch.uint8),
             absmax.new_empty(-(-n // nested_blocksize), dtype=torch.float32),
             absmax.new_empty((), dtype=torch.float32))
+
+
+@backend.dispatching_op("quantize_nf4_blocks", "(Tensor x, int blocksize) -> (Tensor, Tensor)",
+                        _quantize_nf4_blocks_fake)
+def _quantize_nf4_blocks_op(use_triton: bool):
+    return quantize_nf4_blocks_triton if use_triton else quantize_nf4_blocks_reference
+
+
+@backend.dispatching_op("quantize_absmax", "(Tensor absmax, int nested_blocksize) -> (Tensor, Tensor, Tensor)",
+                        _quantize_absmax_fake)
+def _quantize_absmax_op(use_triton: bool):
+    return quantize_absmax_triton if use_triton else quantize_absmax_reference
 
 
 def quantize_nf4_blocks(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
