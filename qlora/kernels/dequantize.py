@@ -28,14 +28,8 @@ def dequantize_absmax_reference(
     return nested_code[codes] * scale + offset.reshape(())
 
 
-def dequantize_nf4_reference(
-    packed: torch.Tensor,
-    absmax: torch.Tensor,
-    quant_map: torch.Tensor,
-    numel: int,
-    blocksize: int,
-    dtype: torch.dtype,
-) -> torch.Tensor:
+def dequantize_nf4_reference(packed: torch.Tensor, absmax: torch.Tensor, quant_map: torch.Tensor,
+                             numel: int, blocksize: int, dtype: torch.dtype) -> torch.Tensor:
     """Flat [numel] tensor of dtype from packed codes and float32 block scales."""
     packed = packed.reshape(-1)
     absmax = absmax.reshape(-1).to(torch.float32)
