@@ -33,6 +33,34 @@ def split_k_for(tiles: int, k_steps: int, device) -> int:
     return max(1, min(k_steps, -(-want // tiles))) if tiles < want else 1
 
 
+def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, int]:
+    """(splits, elements of K per split) for split_k splits asked of k_steps steps of step elements:
+    clamped to 1..k_steps, then recounted so that no split is empty."""
+    split_k = max(1, min(split_k, k_steps))
+    k_per_split = triton.cdiv(k_steps, split_k) * step
+    return triton.cdiv(K, k_per_split), k_per_split
+
+
+def split_k_output(split_k: int, M: int, N: int, x2: torch.Tensor) -> torch.Tensor:
+    """What a split-K launch writes: float32 partials [split_k, M, N], or with one split the
+    [M, N] result itself in x2's dtype."""
+    if split_k > 1:
+        return torch.empty(split_k, M, N, dtype=torch.float32, device=x2.device)
+    return torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+
+
+def finish_split_k(out: torch.Tensor, split_k: int, bias, dtype: torch.dtype) -> torch.Tensor:
+    """The result from split_k_output's buffer after the launch (which adds the bias itself when
+    there is one split): the partials summed in a fixed order (deterministic, unlike atomics),
+    plus the bias, rounded once to dtype."""
+    if split_k == 1:
+        return out
+    out = out.sum(0)
+    if bias is not None:
+        out += bias.to(torch.float32)
+    return out.to(dtype)
+
+
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
                      bias_ptr, out_ptr, M, N, K, k_per_split,
@@ -89,13 +117,8 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     tiles = triton.cdiv(N, block_n)
     if split_k is None:
         split_k = split_k_for(tiles, k_steps, x2.device)
-    split_k = max(1, min(split_k, k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * step
-    split_k = triton.cdiv(K, k_per_split)
-    if split_k > 1:
-        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    split_k, k_per_split = plan_split_k(split_k, k_steps, step, K)
+    out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_gemv_kernel[(tiles, split_k)](
         x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
@@ -103,9 +126,4 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
         HAS_BIAS=bias is not None, SPLIT_K=split_k, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), num_warps=4,
     )
-    if split_k == 1:
-        return out
-    out = out.sum(0)
-    if bias is not None:
-        out += bias.to(torch.float32)
-    return out.to(x2.dtype)
+    return finish_split_k(out, split_k, bias, x2.dtype)

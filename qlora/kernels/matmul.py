@@ -25,7 +25,7 @@ import torch
 
 from qlora.kernels import backend
 from qlora.kernels.dequantize import _block_scales, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
-from qlora.kernels.gemv import GEMV_MAX_M, nf4_gemv_triton, split_k_for
+from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
 import triton
@@ -177,26 +177,15 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
     k_steps = K // cfg["BLOCK_K"]
     if split_k is None:
         split_k = split_k_for(tiles, k_steps, x2.device) if M <= SMALL_M else 1
-    split_k = max(1, min(split_k, k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * cfg["BLOCK_K"]
-    split_k = triton.cdiv(K, k_per_split)  # no empty splits
-    if split_k > 1:
-        out = torch.empty(split_k, M, N, dtype=torch.float32, device=x2.device)
-    else:
-        out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    split_k, k_per_split = plan_split_k(split_k, k_steps, cfg["BLOCK_K"], K)
+    out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_linear_kernel[(tiles, split_k)](
         x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), GROUP_M=8, **cfg,
     )
-    if split_k == 1:
-        return out
-    # Fixed-order sum of the partials: deterministic, unlike atomics.
-    out = out.sum(0)
-    if bias is not None:
-        out += bias.to(torch.float32)
-    return out.to(x2.dtype)
+    return finish_split_k(out, split_k, bias, x2.dtype)
 
 
 def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
