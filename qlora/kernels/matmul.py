@@ -86,6 +86,16 @@ def _dot(a, b, acc, ON_GPU: tl.constexpr):
 
 
 @triton.jit
+def _grouped_tile(pid, grid_m, grid_other, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program pid in grouped order: GROUP_M row-tiles of x in turn
+    take each column tile, so that they share its W tile while it is in L2."""
+    width = GROUP_M * grid_other
+    first_m = (pid // width) * GROUP_M
+    group_m = min(grid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % group_m, (pid % width) // group_m
+
+
+@triton.jit
 def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
                        bias_ptr, out_ptr, M, N, K, k_per_split,
                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
@@ -93,16 +103,8 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # out[M, N] = x[M, K] @ W[N, K]^T, W dequantised tile by tile in registers. With SPLIT_K > 1,
     # program (., s) sums k in [s * k_per_split, (s+1) * k_per_split) into float32 partials out[s].
-    pid = tl.program_id(0)
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
-    # Grouped order: GROUP_M row-tiles of x share each W tile while it is in L2.
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    first_m = (pid // width) * GROUP_M
-    group_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_n = (pid % width) // group_m
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -136,14 +138,7 @@ def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_p
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   GROUP_M: tl.constexpr):
     # out[M, K] = g[M, N] @ W[N, K]: the same [rows of W, k] tiles as the forward, used untransposed.
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_k = K // BLOCK_K
-    width = GROUP_M * grid_k
-    first_m = (pid // width) * GROUP_M
-    group_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_m
-    pid_k = (pid % width) // group_m
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     k0 = pid_k * BLOCK_K
