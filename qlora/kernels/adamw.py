@@ -319,14 +319,9 @@ def fused_adamw_(
     )
 
 
-def adamw_step_reference(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    scalars: torch.Tensor,
-    clip_factor: torch.Tensor | None = None,
-) -> None:
+def adamw_step_reference(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                         exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                         scalars: torch.Tensor, clip_factor: torch.Tensor | None = None) -> None:
     """fused_adamw_'s contract, one tensor at a time in torch."""
     rows = scalars.tolist()
     for p, g, m, v, row in zip(params, grads, exp_avgs, exp_avg_sqs, rows):
