@@ -31,20 +31,17 @@ MODES = ("bf16-full", "bf16-lora", "qlora", "qlora-paged")
 COMPONENTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer_states", "activations", "workspace")
 
 # Hugging Face configs of the published models (Llama-1 for 33B/65B; Llama-2 for 7B/13B/70B).
-PRESETS = {
-    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-                     num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096),
-    "llama-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                      num_key_value_heads=40, vocab_size=32000, max_position_embeddings=4096),
-    "llama-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
-                      num_key_value_heads=52, vocab_size=32000, max_position_embeddings=2048),
-    "llama-65b": dict(hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=64, vocab_size=32000, max_position_embeddings=2048),
-    "llama-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096),
-    "tiny": dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=4, vocab_size=259, max_position_embeddings=512),
-}
+_PRESET_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "vocab_size", "max_position_embeddings")
+PRESETS = {name: dict(zip(_PRESET_FIELDS, values)) for name, *values in [
+    # name        hidden  intermediate  layers  heads  kv heads  vocab  positions
+    ("llama-7b",    4096,        11008,     32,    32,       32, 32000,      4096),
+    ("llama-13b",   5120,        13824,     40,    40,       40, 32000,      4096),
+    ("llama-33b",   6656,        17920,     60,    52,       52, 32000,      2048),
+    ("llama-65b",   8192,        22016,     80,    64,       64, 32000,      2048),
+    ("llama-70b",   8192,        28672,     80,    64,        8, 32000,      4096),
+    ("tiny",         256,          704,      4,     4,        4,   259,       512),
+]}
 
 BLOCKSIZE, NESTED_BLOCKSIZE = 64, 256
 # Per quantised linear, besides its codes: the 16-entry NF4 table, the 256-entry nested map, the offset.
