@@ -12,23 +12,11 @@ from qlora.kernels.quantize import quantize_absmax_reference, quantize_nf4_block
 import triton
 import triton.language as tl
 
-# All-zero blocks divide by zero on purpose (1/0 = inf, 0 * inf = NaN -> code 0); numpy, under the
-# interpreter, warns about it.
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+from helpers import IGNORE_ZERO_BLOCK_WARNINGS
+
+pytestmark = IGNORE_ZERO_BLOCK_WARNINGS  # all-zero blocks divide by zero on purpose
 
 INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Every torch.empty comes back full of NaN (floats) or 0xAB (bytes): unwritten outputs show."""
-    real_empty = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real_empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(0xAB if t.dtype == torch.uint8 else -1)
-
-    monkeypatch.setattr(torch, "empty", empty)
 
 
 def make_weight(numel, blocksize, double_quant, seed=0, zero_block=True):

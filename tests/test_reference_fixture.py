@@ -13,9 +13,9 @@ from qlora.kernels.dequantize import dequantize_absmax_reference, dequantize_nf4
 from qlora.kernels.quantize import (quantize_absmax_reference, quantize_absmax_triton, quantize_nf4_blocks_reference,
                                     quantize_nf4_blocks_triton)
 
-# All-zero blocks divide by zero on purpose (1/0 = inf, 0 * inf = NaN -> code 0); numpy, under the
-# interpreter, warns about it.
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+from helpers import IGNORE_ZERO_BLOCK_WARNINGS
+
+pytestmark = IGNORE_ZERO_BLOCK_WARNINGS  # all-zero blocks divide by zero on purpose
 
 FIXTURE = Path(__file__).parent / "data" / "bnb_cuda_nf4.safetensors"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
