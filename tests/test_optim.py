@@ -44,6 +44,19 @@ def _assert_rel(actual, expected, rel):
     assert (actual - expected).abs().max().item() <= rel * scale, (actual - expected).abs().max().item()
 
 
+def _assert_params_rel(ours, theirs, rel=1e-6):
+    for a, b in zip(ours, theirs):
+        _assert_rel(a, b, rel)
+
+
+def _step_both(opt, ref, ours, theirs, step):
+    """One step of our optimizer and of torch's, each on the same deterministic gradients."""
+    _set_grads(ours, step)
+    _set_grads(theirs, step)
+    opt.step()
+    ref.step()
+
+
 @pytest.fixture(params=["reference", "kernel"])
 def path(request, monkeypatch):
     """The torch reference, or the fused Triton kernel (interpreted on the CPU)."""
@@ -60,12 +73,8 @@ def test_fp32_trajectory_equals_torch_adamw(path, budget):
     # (The interpreted kernel is slow: its one-launch resident case gets fewer steps.)
     steps = 30 if path == "kernel" and budget == "auto" else STEPS
     for step in range(1, steps + 1):
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for a, b in zip(ours, theirs):
-        _assert_rel(a, b, 1e-6)
+        _step_both(opt, ref, ours, theirs, step)
+    _assert_params_rel(ours, theirs)
     ours_state, their_state = opt.state_dict()["state"], ref.state_dict()["state"]
     assert sorted(ours_state) == sorted(their_state) == [i for i in range(len(SHAPES)) if i != NO_GRAD]
     for i, entry in their_state.items():
@@ -118,12 +127,8 @@ def test_groups_with_their_own_hyperparameters(path):
     for step in range(1, 31):
         if step == 15:  # a scheduler changing one group's lr mid-run
             opt.param_groups[1]["lr"] = ref.param_groups[1]["lr"] = 5e-3
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for a, b in zip(ours, theirs):
-        _assert_rel(a, b, 1e-6)
+        _step_both(opt, ref, ours, theirs, step)
+    _assert_params_rel(ours, theirs)
 
 
 def test_max_grad_norm_clips_like_clip_grad_norm(path):
@@ -139,8 +144,7 @@ def test_max_grad_norm_clips_like_clip_grad_norm(path):
         torch.nn.utils.clip_grad_norm_(theirs, 0.5)
         ref.step()
         assert all(torch.equal(a, p.grad) for a, p in zip(grads_before, [p for p in ours if p.grad is not None]))
-    for a, b in zip(ours, theirs):
-        _assert_rel(a, b, 1e-6)
+    _assert_params_rel(ours, theirs)
 
 
 # ---- the page table ------------------------------------------------------------------------------
@@ -150,10 +154,7 @@ def test_budget_streams_pages_and_writes_them_back():
     budget = 5 * PAGE
     opt = PagedAdamW32bit(ours, lr=1e-2, weight_decay=0.1, gpu_budget=budget, page_size=PAGE)
     ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
-    _set_grads(ours, 1)
-    _set_grads(theirs, 1)
-    opt.step()
-    ref.step()
+    _step_both(opt, ref, ours, theirs, 1)
     store = opt.store("cpu")
     n_pages = len(store.pages)
     # 5 pages of budget: 3 streaming slots and 2 resident pages, never more.
@@ -162,10 +163,7 @@ def test_budget_streams_pages_and_writes_them_back():
     streamed = [k for k in range(n_pages) if store.pages[k].device_data is None]
     before = store.bytes_streamed
     for step in (2, 3):
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
+        _step_both(opt, ref, ours, theirs, step)
     assert store.bytes_streamed - before == 2 * 2 * len(streamed) * PAGE  # in and out, every step
     # The host copies of streamed pages hold the updated states (write-back), byte for byte
     # what torch.optim.AdamW computed.
@@ -256,10 +254,7 @@ def test_page_out_and_page_in(path):
     opt = PagedAdamW32bit(ours, lr=1e-2, weight_decay=0.1, gpu_budget=64 * PAGE, page_size=PAGE)
     ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.1)
     for step in range(1, 4):
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
+        _step_both(opt, ref, ours, theirs, step)
         if step == 1:
             opt.page_out()
             store = opt.store("cpu")
@@ -269,8 +264,7 @@ def test_page_out_and_page_in(path):
             opt.page_in()
             assert len(store.resident_pages) == len(store.pages)
     assert len(store.resident_pages) == len(store.pages)  # step() brought the pages back
-    for a, b in zip(ours, theirs):
-        _assert_rel(a, b, 1e-6)
+    _assert_params_rel(ours, theirs)
 
 
 # ---- state dicts -------------------------------------------------------------------------------------
@@ -323,8 +317,7 @@ def test_state_dicts_move_between_torch_adamw_and_ours(path):
     assert opt.param_groups[0]["lr"] == 1e-2
     _run(opt, ours, 10, first=11)
     _run(ref, theirs, 10, first=11)
-    for a, b in zip(ours, theirs):
-        _assert_rel(a, b, 1e-6)
+    _assert_params_rel(ours, theirs)
     # And back: torch.optim.AdamW continues from our state.
     fresh = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     back = torch.optim.AdamW(fresh, lr=1.0)
@@ -332,8 +325,7 @@ def test_state_dicts_move_between_torch_adamw_and_ours(path):
     assert back.param_groups[0]["decoupled_weight_decay"] is True
     _run(back, fresh, 10, first=21)
     _run(opt, ours, 10, first=21)
-    for a, b in zip(fresh, ours):
-        _assert_rel(a, b, 1e-6)
+    _assert_params_rel(fresh, ours)
 
 
 def test_bfloat16_states_from_torch_become_float32():
@@ -405,12 +397,8 @@ def test_cuda_trajectory_with_streaming(budget):
     opt = PagedAdamW32bit(ours, lr=1e-2, weight_decay=0.05, gpu_budget=budget, page_size=PAGE)
     ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.05)
     for step in range(1, 31):
-        _set_grads(ours, step)
-        _set_grads(theirs, step)
-        opt.step()
-        ref.step()
-    for a, b in zip(ours, theirs):
-        _assert_rel(a, b, 1e-6)
+        _step_both(opt, ref, ours, theirs, step)
+    _assert_params_rel(ours, theirs)
     store = opt.store("cuda")
     if budget != "auto":
         assert store.device_bytes <= budget and store.bytes_streamed > 0
