@@ -146,16 +146,22 @@ def test_load_quantized_state_dict_reads_shards_even_with_a_weight_split_across_
 
 # --- errors: one line naming the file and the tensor ----------------------------------------
 
-def one_line(err) -> str:
+def checkpoint_error(load, path) -> str:
+    """The message of the CheckpointError that load(path) raises, which must be one line."""
+    with pytest.raises(CheckpointError) as err:
+        load(path)
     message = str(err.value)
     assert "\n" not in message
     return message
 
 
+def write_index(directory, weight_map) -> None:
+    (directory / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+
+
 def test_missing_path(tmp_path):
-    with pytest.raises(CheckpointError) as err:
-        load_quantized_state_dict(tmp_path / "nope")
-    assert "nope" in one_line(err) and "no such file" in one_line(err)
+    message = checkpoint_error(load_quantized_state_dict, tmp_path / "nope")
+    assert "nope" in message and "no such file" in message
 
 
 def test_directory_without_weights_names_the_pickle_it_will_not_load(tmp_path, monkeypatch):
@@ -165,9 +171,8 @@ def test_directory_without_weights_names_the_pickle_it_will_not_load(tmp_path, m
         raise AssertionError("torch.load must never be called")
 
     monkeypatch.setattr(torch, "load", no_pickles)
-    with pytest.raises(CheckpointError) as err:
-        load_quantized_state_dict(tmp_path)
-    assert "pytorch_model.bin" in one_line(err) and "pickled" in one_line(err)
+    message = checkpoint_error(load_quantized_state_dict, tmp_path)
+    assert "pytorch_model.bin" in message and "pickled" in message
     with pytest.raises(CheckpointError, match="pickled checkpoints are not loaded"):
         load_quantized_state_dict(tmp_path / "pytorch_model.bin")
 
@@ -177,9 +182,7 @@ def test_truncated_file_names_file_and_tensor(tmp_path):
     save_file({"a": torch.zeros(10), "b": torch.ones(1000)}, path)
     data = path.read_bytes()
     path.write_bytes(data[:-100])
-    with pytest.raises(CheckpointError) as err:
-        load_quantized_state_dict(tmp_path)
-    message = one_line(err)
+    message = checkpoint_error(load_quantized_state_dict, tmp_path)
     assert str(path) in message and "truncated" in message and "tensor b" in message
 
 
@@ -187,71 +190,62 @@ def test_file_cut_inside_the_header(tmp_path):
     path = tmp_path / "x.safetensors"
     save_file({"a": torch.zeros(10)}, path)
     path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(CheckpointError) as err:
-        read_safetensors_header(path)
-    assert str(path) in one_line(err) and "truncated" in one_line(err)
+    message = checkpoint_error(read_safetensors_header, path)
+    assert str(path) in message and "truncated" in message
 
 
 @pytest.mark.parametrize("content", [b"", b"abc", b"this is not a checkpoint at all, just text"])
 def test_garbage_file(tmp_path, content):
     path = tmp_path / "x.safetensors"
     path.write_bytes(content)
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(path)
-    assert str(path) in one_line(err) and "not a safetensors file" in one_line(err)
+    message = checkpoint_error(load_state_dict, path)
+    assert str(path) in message and "not a safetensors file" in message
 
 
 def test_corrupt_header_json(tmp_path):
     path = tmp_path / "x.safetensors"
     blob = b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]'  # unterminated
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(8))
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(path)
-    assert str(path) in one_line(err) and "corrupt safetensors header" in one_line(err)
+    message = checkpoint_error(load_state_dict, path)
+    assert str(path) in message and "corrupt safetensors header" in message
 
 
 def test_header_offsets_that_do_not_match_the_shape(tmp_path):
     path = tmp_path / "x.safetensors"
     blob = json.dumps({"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 60]}}).encode()
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(64))
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(path)
-    assert "tensor w" in one_line(err) and "[4, 4]" in one_line(err) and "64 bytes" in one_line(err)
+    message = checkpoint_error(load_state_dict, path)
+    assert "tensor w" in message and "[4, 4]" in message and "64 bytes" in message
 
 
 def test_unknown_dtype(tmp_path):
     path = tmp_path / "x.safetensors"
     blob = json.dumps({"w": {"dtype": "Q4_K", "shape": [4], "data_offsets": [0, 4]}}).encode()
     path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(4))
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(path)
-    assert "tensor w" in one_line(err) and "Q4_K" in one_line(err)
+    message = checkpoint_error(load_state_dict, path)
+    assert "tensor w" in message and "Q4_K" in message
 
 
 def test_index_naming_a_missing_shard(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "model-00001-of-00002.safetensors")
     weight_map = {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}
-    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointError) as err:
-        load_quantized_state_dict(tmp_path)
-    message = one_line(err)
+    write_index(tmp_path, weight_map)
+    message = checkpoint_error(load_quantized_state_dict, tmp_path)
     assert INDEX_FILE in message and "tensor b" in message and "model-00002-of-00002.safetensors" in message
 
 
 def test_index_listing_a_tensor_its_shard_lacks(tmp_path):
     save_file({"a": torch.zeros(2)}, tmp_path / "model-00001-of-00001.safetensors")
     weight_map = {"a": "model-00001-of-00001.safetensors", "ghost": "model-00001-of-00001.safetensors"}
-    (tmp_path / INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(tmp_path)
-    assert "tensor ghost" in one_line(err) and "not found" in one_line(err)
+    write_index(tmp_path, weight_map)
+    message = checkpoint_error(load_state_dict, tmp_path)
+    assert "tensor ghost" in message and "not found" in message
 
 
 def test_corrupt_index(tmp_path):
     (tmp_path / INDEX_FILE).write_text("{not json")
-    with pytest.raises(CheckpointError) as err:
-        load_state_dict(tmp_path)
-    assert INDEX_FILE in one_line(err) and "corrupt index" in one_line(err)
+    message = checkpoint_error(load_state_dict, tmp_path)
+    assert INDEX_FILE in message and "corrupt index" in message
 
 
 def test_nf4_parts_that_do_not_fit_name_the_tensor(tmp_path):
@@ -259,15 +253,13 @@ def test_nf4_parts_that_do_not_fit_name_the_tensor(tmp_path):
     state = q.state_dict("blk.lin")
     state["blk.lin.weight.absmax"] = state["blk.lin.weight.absmax"][:-1].clone()
     save_file(state, tmp_path / "q.safetensors")
-    with pytest.raises(CheckpointError) as err:
-        load_quantized_state_dict(tmp_path / "q.safetensors")
-    assert "q.safetensors" in one_line(err) and "blk.lin.weight.absmax" in one_line(err)
+    message = checkpoint_error(load_quantized_state_dict, tmp_path / "q.safetensors")
+    assert "q.safetensors" in message and "blk.lin.weight.absmax" in message
 
 
 def test_fp4_checkpoints_are_refused_by_name(tmp_path):
     state = {"lin.weight": torch.zeros(8, 1, dtype=torch.uint8),
              "lin.weight.quant_state.bitsandbytes__fp4": torch.zeros(4, dtype=torch.uint8)}
     save_file(state, tmp_path / "q.safetensors")
-    with pytest.raises(CheckpointError) as err:
-        load_quantized_state_dict(tmp_path / "q.safetensors")
-    assert "lin.weight.quant_state.bitsandbytes__fp4" in one_line(err) and "'fp4'" in one_line(err)
+    message = checkpoint_error(load_quantized_state_dict, tmp_path / "q.safetensors")
+    assert "lin.weight.quant_state.bitsandbytes__fp4" in message and "'fp4'" in message
