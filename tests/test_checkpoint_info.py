@@ -13,17 +13,10 @@ from qlora.cli import main
 from qlora.convert import DEFAULT_MODEL, quantize_checkpoint
 
 
-@pytest.fixture(scope="module")
-def quantized(tmp_path_factory):
-    dst = tmp_path_factory.mktemp("info") / "nf4"
-    quantize_checkpoint(DEFAULT_MODEL, dst, progress=False)
-    return dst
-
-
-def test_rows_of_a_quantised_checkpoint(quantized):
-    stored = load_file(quantized / "model.safetensors")
+def test_rows_of_a_quantised_checkpoint(nf4_checkpoint):
+    stored = load_file(nf4_checkpoint / "model.safetensors")
     original = load_file(DEFAULT_MODEL / "model.safetensors")
-    rows = {row.name: row for row in describe_checkpoint(quantized)}
+    rows = {row.name: row for row in describe_checkpoint(nf4_checkpoint)}
     assert set(rows) == set(original)  # one row per weight, its companion tensors folded in
     for name, row in rows.items():
         if "_proj" in name:
@@ -41,13 +34,13 @@ def test_rows_of_a_quantised_checkpoint(quantized):
             assert row.nbytes == original[name].numel() * 2 and row.bits_per_param == 16
 
 
-def test_relative_errors_match_bitsandbytes_dequantisation(quantized):
+def test_relative_errors_match_bitsandbytes_dequantisation(nf4_checkpoint):
     from bitsandbytes.functional import QuantState, dequantize_4bit
 
-    stored = load_file(quantized / "model.safetensors")
+    stored = load_file(nf4_checkpoint / "model.safetensors")
     original = load_file(DEFAULT_MODEL / "model.safetensors")
-    rows = describe_checkpoint(quantized)
-    add_reconstruction_errors(quantized, rows, DEFAULT_MODEL)
+    rows = describe_checkpoint(nf4_checkpoint)
+    add_reconstruction_errors(nf4_checkpoint, rows, DEFAULT_MODEL)
     checked = 0
     for row in rows:
         if row.format == "nf4-dq":
@@ -66,8 +59,8 @@ def test_relative_errors_match_bitsandbytes_dequantisation(quantized):
     assert checked == 28
 
 
-def test_cli_table(quantized, capsys):
-    assert main(["inspect", str(quantized), "--against", str(DEFAULT_MODEL)]) == 0
+def test_cli_table(nf4_checkpoint, capsys):
+    assert main(["inspect", str(nf4_checkpoint), "--against", str(DEFAULT_MODEL)]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["name", "shape", "format", "bytes", "bits/param", "rel.", "error"]
     down = next(line for line in out if line.startswith("model.layers.1.mlp.down_proj.weight"))
@@ -103,13 +96,13 @@ def test_no_double_quant_format_and_size(tmp_path):
     assert state["dtype"] == "float16" and "nested_blocksize" not in state
 
 
-def test_cli_errors_are_one_line(tmp_path, quantized, capsys):
+def test_cli_errors_are_one_line(tmp_path, nf4_checkpoint, capsys):
     assert main(["inspect", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qlora inspect: error:") and "missing" in err and "\n" not in err
 
     other = tmp_path / "other.safetensors"
     save_file({"model.norm.weight": torch.ones(7, dtype=torch.bfloat16)}, other)
-    assert main(["inspect", str(quantized), "--against", str(other)]) == 2
+    assert main(["inspect", str(nf4_checkpoint), "--against", str(other)]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.norm.weight" in err and "[7]" in err and "[256]" in err and "\n" not in err

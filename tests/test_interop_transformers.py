@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from qlora.checkpoint import load_quantized_state_dict
 from qlora.checkpoint_info import describe_checkpoint
 from qlora.nf4 import NF4Weight
-from qlora.convert import DEFAULT_MODEL, quantize_checkpoint
+from qlora.convert import DEFAULT_MODEL
 
 transformers = pytest.importorskip("transformers")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -45,13 +45,6 @@ def transformers_saved(tmp_path_factory):
     return model, out
 
 
-@pytest.fixture(scope="module")
-def qlora_saved(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ql") / "nf4"
-    quantize_checkpoint(DEFAULT_MODEL, out, progress=False)
-    return out
-
-
 def test_transformers_checkpoint_loads_in_qlora(transformers_saved):
     model, path = transformers_saved
     loaded = load_quantized_state_dict(path)
@@ -69,9 +62,9 @@ def test_transformers_checkpoint_loads_in_qlora(transformers_saved):
     assert sum(fmt == "nf4-dq" for fmt in formats.values()) == 28 and formats["lm_head.weight"] == "bf16"
 
 
-def test_qlora_checkpoint_loads_in_transformers(qlora_saved):
-    model = transformers.AutoModelForCausalLM.from_pretrained(qlora_saved, device_map="cpu")
-    ours = load_quantized_state_dict(qlora_saved)
+def test_qlora_checkpoint_loads_in_transformers(nf4_checkpoint):
+    model = transformers.AutoModelForCausalLM.from_pretrained(nf4_checkpoint, device_map="cpu")
+    ours = load_quantized_state_dict(nf4_checkpoint)
     modules = linear4bit_modules(model)
     assert len(modules) == 28
     assert not isinstance(model.lm_head, bitsandbytes.nn.Linear4bit)
@@ -93,9 +86,9 @@ def test_qlora_checkpoint_loads_in_transformers(qlora_saved):
     assert float(diff.mean()) < 0.03 and float(diff.max()) < 0.25, (float(diff.mean()), float(diff.max()))
 
 
-def test_qlora_and_transformers_write_the_same_layout(transformers_saved, qlora_saved):
+def test_qlora_and_transformers_write_the_same_layout(transformers_saved, nf4_checkpoint):
     _, hf_path = transformers_saved
-    theirs, ours = load_file(hf_path / "model.safetensors"), load_file(qlora_saved / "model.safetensors")
+    theirs, ours = load_file(hf_path / "model.safetensors"), load_file(nf4_checkpoint / "model.safetensors")
     assert theirs.keys() == ours.keys()
     marker = "quant_state.bitsandbytes__nf4"
     for key in theirs:
@@ -118,7 +111,7 @@ def test_qlora_and_transformers_write_the_same_layout(transformers_saved, qlora_
             assert ((theirs[key].int() - ours[key].int())[differ].abs() == 1).all(), key
 
     hf_config = json.loads((hf_path / "config.json").read_text())["quantization_config"]
-    our_config = json.loads((qlora_saved / "config.json").read_text())["quantization_config"]
+    our_config = json.loads((nf4_checkpoint / "config.json").read_text())["quantization_config"]
     for field in ("quant_method", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant",
                   "bnb_4bit_compute_dtype", "bnb_4bit_quant_storage"):
         assert our_config[field] == hf_config[field], field
