@@ -27,6 +27,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import git_commit  # noqa: E402
+
 SEQ, BATCH, R, ALPHA, DROPOUT, LR, MAX_GRAD_NORM = 2048, 1, 64, 16, 0.05, 2e-4, 0.3
 GOAL_SPEEDUP, GOAL_MEMORY_RATIO, GOAL_65B_BYTES = 1.3, 0.8, 44e9
 # REFERENCE section 7 (H100 80GB, transformers 5.17 + PEFT 0.21 + bitsandbytes 0.50.2).
@@ -186,17 +188,9 @@ def _versions() -> str:
     return ", ".join(parts)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def markdown(results: list[dict], predictions: dict) -> str:
     device = torch.cuda.get_device_name()
-    lines = [f"## End-to-end QLoRA step ({datetime.date.today().isoformat()}, commit {_commit()})", "",
+    lines = [f"## End-to-end QLoRA step ({datetime.date.today().isoformat()}, commit {git_commit()})", "",
              f"{device}; {_versions()}.",
              f"seq {SEQ}, batch {BATCH}, gradient checkpointing, LoRA r={R} alpha={ALPHA} dropout={DROPOUT} on every "
              f"linear but lm_head, paged AdamW 32-bit, clip {MAX_GRAD_NORM}; random weights.", "",

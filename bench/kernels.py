@@ -16,10 +16,6 @@ table with device, date, git commit and versions; exits 0 with a note where ther
 """
 from __future__ import annotations
 
-import argparse
-import datetime
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import arg_parser, cuda_median_ms, emit, header, no_cuda  # noqa: E402
 from qlora.kernels import dequantize as D  # noqa: E402
 from qlora.kernels import matmul as MM  # noqa: E402
 from qlora.kernels import quantize as Q  # noqa: E402
@@ -49,20 +46,13 @@ def bitsandbytes():
 
 
 def time_us(fn, n_args: int, reps: int) -> float:
-    """Median microseconds per call of fn(i), i cycling over n_args rotated copies."""
-    for i in range(max(3, n_args)):
-        fn(i % n_args)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+    """Median microseconds per call of fn(i), i cycling over n_args rotated copies (each timing
+    covers one pass over all of them; warm-up: every copy, and at least 3 calls)."""
+    def one_pass():
         for i in range(n_args):
             fn(i)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / n_args)
-    return statistics.median(times)
+
+    return cuda_median_ms(one_pass, reps, warmup=-(-3 // n_args)) * 1000 / n_args
 
 
 def copies_for(nbytes: int) -> int:
@@ -167,50 +157,27 @@ def bench_shape(N: int, K: int, reps: int, bnb, bnbf, copy_bw: float) -> list[tu
     return rows
 
 
-def header() -> list[str]:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    bnb, _ = bitsandbytes()
-    return [
-        f"## NF4 kernels: {torch.cuda.get_device_name()}",
-        "",
-        f"date {datetime.datetime.now().isoformat(timespec='minutes')}, commit {commit}, torch {torch.__version__}, "
-        f"triton {triton.__version__}, bitsandbytes {getattr(bnb, '__version__', 'not installed')}",
-        "",
-    ]
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=50)
+    parser = arg_parser(__doc__, reps=50)
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
-    parser.add_argument("--out", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/kernels.py: no CUDA device here; nothing measured (the kernels run under the "
-              "Triton interpreter in the tests instead).")
+    if no_cuda("bench/kernels.py: no CUDA device here; nothing measured (the kernels run under the "
+               "Triton interpreter in the tests instead)."):
         return 0
     torch.manual_seed(0)
     bnb, bnbf = bitsandbytes()
     copy_bw = copy_bandwidth(args.reps)
-    lines = header() + [f"device copy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", "",
-                        "| shape [out, in] | measurement | qlora us | baseline | ratio | bnb us | target | check |",
-                        "|---|---|---|---|---|---|---|---|"]
+    lines = header(f"## NF4 kernels: {torch.cuda.get_device_name()}",
+                   bitsandbytes=getattr(bnb, "__version__", "not installed"))
+    lines += [f"device copy bandwidth (read + write): {copy_bw / 1e12:.2f} TB/s", "",
+              "| shape [out, in] | measurement | qlora us | baseline | ratio | bnb us | target | check |",
+              "|---|---|---|---|---|---|---|---|"]
     for shape in args.shapes.split(","):
         N, K = (int(s) for s in shape.split("x"))
         for r in bench_shape(N, K, args.reps, bnb, bnbf, copy_bw):
             lines.append("| " + " | ".join(r) + " |")
         torch.cuda.empty_cache()
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -8,10 +8,7 @@ Prints a markdown table (device, date, git commit); exits 0 with a note where th
 """
 from __future__ import annotations
 
-import argparse
 import datetime
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import arg_parser, cuda_median_ms, emit, git_commit, no_cuda  # noqa: E402
 from qlora.layer import QuantLoRALinear  # noqa: E402
 
 M, R, ALPHA = 4096, 64, 16
@@ -89,18 +87,7 @@ def step(layer, x, grad_out):
 
 def time_ms(layer, x, grad_out, warmup: int, reps: int) -> float:
     """Median of reps CUDA-event timings of forward + backward, after warm-up (Triton autotuning)."""
-    for _ in range(warmup):
-        step(layer, x, grad_out)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step(layer, x, grad_out)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return cuda_median_ms(lambda: step(layer, x, grad_out), reps, warmup)
 
 
 def held_for_backward(layer, x) -> tuple[int, int]:
@@ -125,22 +112,11 @@ def held_for_backward(layer, x) -> tuple[int, int]:
     return sum(saved.values()), allocated
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=50)
+    parser = arg_parser(__doc__, reps=50)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--out", type=Path, help="append the table to this markdown file")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench/layer.py: no CUDA device, nothing measured (needs an H100/H200-class GPU)")
+    if no_cuda("bench/layer.py: no CUDA device, nothing measured (needs an H100/H200-class GPU)"):
         return 0
 
     torch.manual_seed(0)
@@ -180,11 +156,7 @@ def main(argv=None) -> int:
                          f"{saved / 2**20:.1f} ({allocated / 2**20:.1f}) |")
         del candidates, layer
         torch.cuda.empty_cache()
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + table)
+    emit("\n".join(lines) + "\n", args.out)
     return 0
 
 

@@ -20,11 +20,8 @@ there is no CUDA device.
 """
 from __future__ import annotations
 
-import argparse
-import datetime
 import gc
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import arg_parser, cuda_median_ms, emit, header, no_cuda  # noqa: E402
 from qlora.optim import PagedAdamW32bit  # noqa: E402
 
 RANK = 64
@@ -80,17 +78,7 @@ def pinned_bandwidth(reps: int = 10) -> dict[str, float]:
     s_in, s_out = torch.cuda.Stream(), torch.cuda.Stream()
 
     def timed(fn) -> float:
-        fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return statistics.median(times)
+        return cuda_median_ms(fn, reps) / 1e3
 
     def both():
         current = torch.cuda.current_stream()
@@ -140,29 +128,9 @@ def run_case(name: str, make_opt, params, reps: int) -> dict:
     return row
 
 
-def header() -> list[str]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).resolve().parents[1]).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    import triton
-    return [
-        f"### PagedAdamW32bit, {torch.cuda.get_device_name()}",
-        "",
-        f"date {datetime.datetime.now().isoformat(timespec='minutes')}, commit {commit}, torch {torch.__version__}, "
-        f"triton {triton.__version__}",
-        "",
-    ]
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--out", type=Path, help="append the table to this markdown file")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device: bench/optim.py measures GPU step times; nothing to do")
+    args = arg_parser(__doc__, reps=30).parse_args(argv)
+    if no_cuda("no CUDA device: bench/optim.py measures GPU step times; nothing to do"):
         return 0
 
     worst = check_against_torch()
@@ -221,7 +189,7 @@ def main(argv=None) -> int:
     release()
 
     fused_ms = rows[0]["ms"]
-    lines = header() + [
+    lines = header(f"### PagedAdamW32bit, {torch.cuda.get_device_name()}") + [
         f"{len(params)} tensors, {n_values / 1e6:.1f}M float32 values, states {state_bytes / 1e9:.2f} GB; "
         f"pinned bandwidth h2d {bandwidth['h2d'] / 1e9:.1f} GB/s, d2h {bandwidth['d2h'] / 1e9:.1f} GB/s, "
         f"both at once {bandwidth['both'] / 1e9:.1f} GB/s; check vs torch: {worst:.1e}",
@@ -246,11 +214,7 @@ def main(argv=None) -> int:
         f"({'within' if within else 'OVER'})",
         "",
     ]
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), args.out)
     return 0
 
 
