@@ -33,7 +33,7 @@ DEFAULT_MODEL = DATA_DIR / "tiny-llama"
 DEFAULT_DATA = DATA_DIR / "finetune.txt"
 DEFAULT_OUT = Path("qlora-out") / "finetune"
 HELD_OUT_FRACTION = 0.2
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.safetensors"
 REPORT = "report.json"
 
 
@@ -228,14 +228,45 @@ def _sigint_held_back():
             raise KeyboardInterrupt
 
 
+def save_trainer_state(file: Path, step: int, optimizer_state: dict, settings: dict) -> None:
+    """The optimizer's tensors in safetensors, everything else as JSON metadata: no pickle to load."""
+    from safetensors.torch import save_file
+
+    tensors, scalars = {}, {}
+    for index, entry in optimizer_state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().clone().contiguous()
+            else:
+                scalars[f"state.{index}.{name}"] = value
+    meta = {"step": step, "settings": settings, "param_groups": optimizer_state["param_groups"], "scalars": scalars}
+    save_file(tensors, str(file), metadata={"trainer_state": json.dumps(meta)})
+
+
+def load_trainer_state(file: Path) -> dict:
+    """Inverse of save_trainer_state: {"step", "settings", "optimizer": an optimizer state dict}."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as reader:
+        meta = json.loads(reader.metadata()["trainer_state"])
+        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *meta["scalars"].items()]:
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+              for group in meta["param_groups"]]
+    return {"step": meta["step"], "settings": meta["settings"],
+            "optimizer": {"state": state, "param_groups": groups}}
+
+
 def save_checkpoint(out: Path, model, optimizer, step: int, settings: Settings) -> None:
     from qlora.model import save_adapter
 
     staging = out / ".saving"
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(model, staging, base_model_name_or_path=settings.model)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "settings": asdict(settings)},
-               staging / TRAINER_STATE)
+    save_trainer_state(staging / TRAINER_STATE, step, optimizer.state_dict(), asdict(settings))
     with _sigint_held_back():
         # The trainer state goes last: whatever step it names, the adapter beside it is at least as new
         # only in a crash between two renames, never on Ctrl-C.
@@ -248,7 +279,7 @@ def load_checkpoint(out: Path, settings: Settings) -> dict:
     file = out / TRAINER_STATE
     if not file.is_file():
         raise _user_error(f"{out}: nothing to resume (no {TRAINER_STATE}); run without --resume first")
-    state = torch.load(file, map_location="cpu", weights_only=True)
+    state = load_trainer_state(file)
     saved = state["settings"]
     for key in ("r", "alpha", "target_modules", "compute_dtype"):
         if saved.get(key) != getattr(settings, key):

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora.cli import UserError, main
-from qlora.finetune import DEFAULT_MODEL, TRAINER_STATE, finetune, load_model, split_held_out
+from qlora.finetune import DEFAULT_MODEL, TRAINER_STATE, finetune, load_model, load_trainer_state, split_held_out
 
 SMALL = dict(r=8, seq=64, batch=2, progress=False)
 
@@ -77,7 +77,7 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         finetune(out=interrupted, steps=4, save_every=2, step_callback=interrupt, **SMALL)
-    state = torch.load(interrupted / TRAINER_STATE, weights_only=True)
+    state = load_trainer_state(interrupted / TRAINER_STATE)
     assert state["step"] == 2 and not (interrupted / ".saving").exists()
     assert set(load_file(interrupted / "adapter_model.safetensors")) == set(load_file(straight / "adapter_model.safetensors"))
 
@@ -86,7 +86,7 @@ def test_interrupted_run_keeps_its_checkpoint_and_resumes_exactly(tmp_path):
     a, b = load_file(straight / "adapter_model.safetensors"), load_file(interrupted / "adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=0, atol=0)
-    assert torch.load(interrupted / TRAINER_STATE, weights_only=True)["step"] == 4
+    assert load_trainer_state(interrupted / TRAINER_STATE)["step"] == 4
 
 
 def test_jsonl_data_is_read_by_text_field(tmp_path):
