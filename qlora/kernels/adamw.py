@@ -20,10 +20,7 @@ from typing import Sequence
 
 import torch
 
-from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
-
-import triton
-import triton.language as tl
+from qlora.kernels.backend import tl, triton
 
 # Elements per chunk (one program). State ranges are aligned to it, so no chunk crosses a page.
 CHUNK = 2048

@@ -33,11 +33,33 @@ if not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
+class _TritonMissing:
+    """Stands in for triton and triton.language where no wheel exists (macOS, Windows): the kernels
+    are still defined, never launched, and the torch reference runs every op."""
+
+    @staticmethod
+    def jit(fn=None, **options):
+        return fn if fn is not None else (lambda f: f)
+
+    def __getattr__(self, name):
+        raise ImportError(f"triton.{name}: triton is not installed; qlora uses its torch reference")
+
+
+try:  # after TRITON_INTERPRET is settled: triton reads it when a kernel is defined
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = tl = _TritonMissing()
+HAS_TRITON = not isinstance(triton, _TritonMissing)
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """True when the op on tensor t should run the Triton kernels."""
     choice = _choice()
-    if choice == "torch":
+    if choice == "torch" or (not HAS_TRITON and choice != "triton"):
         return False
+    if not HAS_TRITON:
+        raise RuntimeError("QLORA_BACKEND=triton: triton is not installed (pip install triton, on Linux)")
     if choice == "triton" or t.is_cuda:
         if not t.is_cuda and not INTERPRET:
             raise RuntimeError("QLORA_BACKEND=triton on CPU tensors needs the Triton interpreter: set "

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
+from qlora.kernels import backend
 from qlora.kernels.quantize import NESTED_BLOCKSIZE, REFERENCE_CHUNK, _tile_ids
 
-import triton
-import triton.language as tl
+from qlora.kernels.backend import tl, triton
 
 
 def dequantize_absmax_reference(

@@ -14,8 +14,7 @@ from qlora.kernels import backend
 from qlora.kernels.dequantize import _block_scales, _round_to, weight_args
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
-import triton
-import triton.language as tl
+from qlora.kernels.backend import tl, triton
 
 # Up to this many rows the CUDA cores keep up (M fused multiply-adds per decoded weight);
 # beyond it matmul.py's tensor-core tiles take over.

@@ -28,8 +28,7 @@ from qlora.kernels.dequantize import _block_scales, _round_to, dequantize_nf4, d
 from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
-import triton
-import triton.language as tl
+from qlora.kernels.backend import tl, triton
 
 SMALL_M = 64
 

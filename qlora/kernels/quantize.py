@@ -10,10 +10,9 @@ import functools
 import torch
 
 from qlora.codebook import dynamic_map, nf4_thresholds
-from qlora.kernels import backend  # noqa: F401  (before triton: picks the interpreter on CPU-only machines)
+from qlora.kernels import backend
 
-import triton
-import triton.language as tl
+from qlora.kernels.backend import tl, triton
 
 # Elements per chunk of the reference (a multiple of every allowed blocksize).
 REFERENCE_CHUNK = 1 << 20
