@@ -81,7 +81,10 @@ def add_reconstruction_errors(path: str | os.PathLike, rows: list[TensorInfo], o
         (_, reference), = read_tensors(original_headers, [row.name])
         if row.format.startswith("nf4"):
             parts = dict(read_tensors(headers, [n for n in nf4_part_names(row.name[: -len('.weight')]) if n in headers]))
-            stored = NF4Weight.from_state_dict(parts, row.name[: -len(".weight")]).dequantize(torch.float32)
+            try:
+                stored = NF4Weight.from_state_dict(parts, row.name[: -len(".weight")]).dequantize(torch.float32)
+            except (KeyError, ValueError) as err:
+                raise CheckpointError(f"{path}: {str(err).strip(chr(39))}") from None
         else:
             (_, stored), = read_tensors(headers, [row.name])
         if not (reference.is_floating_point() and stored.is_floating_point()):
@@ -134,7 +137,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from qlora.cli import UserError
+    from qlora.errors import UserError
 
     try:
         rows = describe_checkpoint(args.path)

@@ -205,7 +205,7 @@ class QuantLoRALinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         key = prefix + "weight"
-        ours = {k[len(prefix):]: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
+        ours = {k: v for k, v in state_dict.items() if k == key or k.startswith(key + ".")}
         rest = {k: v for k, v in state_dict.items() if not (k == key or k.startswith(key + "."))}
         super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
@@ -213,7 +213,7 @@ class QuantLoRALinear(nn.Module):
             missing_keys.append(key)
             return
         try:
-            weight = NF4Weight.from_state_dict(ours)
+            weight = NF4Weight.from_state_dict(ours, prefix[:-1])  # full keys, so errors name the module
             if tuple(weight.shape) != (self.out_features, self.in_features):
                 raise ValueError(f"{key}: shape {list(weight.shape)} in the checkpoint, the layer is "
                                  f"[{self.out_features}, {self.in_features}]")

@@ -130,8 +130,16 @@ class NF4Weight:
         if state.get("dtype") not in _DTYPES_BY_NAME:
             raise ValueError(f"{key}: unsupported original dtype {state.get('dtype')!r}")
         double_quant = "nested_blocksize" in state
+        needed = ["shape", "blocksize"] + (["nested_offset"] if double_quant else [])
+        missing = [field for field in needed if field not in state]
+        missing += [k for k in ([f"{key}.nested_absmax", f"{key}.nested_quant_map"] if double_quant else [])
+                    if k not in state_dict]
+        if missing:
+            raise ValueError(f"{key}: double-quantised NF4 weight without {', '.join(missing)}" if double_quant
+                             else f"{key}: NF4 quant state without {', '.join(missing)}")
+        packed = state_dict[key]
         weight = cls(
-            packed=state_dict[key],
+            packed=packed,
             absmax=state_dict[f"{key}.absmax"],
             shape=tuple(state["shape"]),
             dtype=_DTYPES_BY_NAME[state["dtype"]],
@@ -139,7 +147,9 @@ class NF4Weight:
             quant_map=state_dict.get(f"{key}.quant_map"),
             nested_absmax=state_dict[f"{key}.nested_absmax"] if double_quant else None,
             nested_code=state_dict[f"{key}.nested_quant_map"] if double_quant else None,
-            offset=torch.tensor(state["nested_offset"], dtype=torch.float32) if double_quant else None,
+            # On the weight's device: a CPU scalar here would make every GPU forward copy and sync.
+            offset=(torch.tensor(state["nested_offset"], dtype=torch.float32, device=packed.device)
+                    if double_quant else None),
             nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
         )
         weight.validate(key)
@@ -147,7 +157,13 @@ class NF4Weight:
 
     def validate(self, name: str = "weight") -> None:
         """Raise ValueError naming the tensor if the parts do not fit together."""
-        check_blocksize(self.blocksize)
+        try:
+            check_blocksize(self.blocksize)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+        if self.double_quant and self.nested_blocksize != NESTED_BLOCKSIZE:
+            raise ValueError(f"{name}: nested_blocksize {self.nested_blocksize} is not supported, "
+                             f"only {NESTED_BLOCKSIZE} (what bitsandbytes writes)")
         expect = {"packed": ((self.numel + 1) // 2, torch.uint8),
                   "absmax": (self.n_blocks, torch.uint8 if self.double_quant else torch.float32),
                   "quant_map": (16, torch.float32)}

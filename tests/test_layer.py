@@ -187,6 +187,14 @@ def test_load_state_dict_rejects_a_different_shape():
         other.load_state_dict(state)
 
 
+def test_a_broken_nested_checkpoint_names_the_module():
+    model = nn.Sequential(nn.Identity(), make_layer(r=0))
+    state = model.state_dict()
+    del state["1.weight.absmax"]
+    with pytest.raises(RuntimeError, match=r"1\.weight: not an NF4 weight, missing 1\.weight\.absmax"):
+        model.load_state_dict(state)
+
+
 def test_reads_bitsandbytes_linear4bit_state_dict():
     bnb = pytest.importorskip("bitsandbytes")
     # in_features a multiple of the blocksize: bitsandbytes 0.50.2's CPU dequantiser disagrees with

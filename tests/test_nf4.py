@@ -160,3 +160,28 @@ def test_nf4_linear_matches_dequantised_matmul():
                           rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"x: shape \[5, 127\] does not fit a weight of shape \[48, 128\]"):
         qlora.nf4_linear(torch.randn(5, 127), q)
+
+
+def test_loaded_weight_keeps_every_part_on_the_checkpoint_device():
+    # A CPU offset beside GPU codes would make every GPU forward copy it and synchronise.
+    sd = qlora.quantize_nf4(_random_weight((64, 64), torch.float32)).state_dict("m")
+    sd = {k: v if k.endswith("bitsandbytes__nf4") else v.to("meta") for k, v in sd.items()}  # JSON read on CPU
+    loaded = qlora.NF4Weight.from_state_dict(sd, "m")
+    assert loaded.offset.device.type == "meta" and loaded.packed.device.type == "meta"
+
+
+def test_quant_state_problems_name_the_key():
+    sd = qlora.quantize_nf4(_random_weight((64, 64), torch.float32)).state_dict("blk.q")
+    key = "blk.q.weight.quant_state.bitsandbytes__nf4"
+    state = json.loads(bytes(sd[key].tolist()).decode())
+
+    def with_state(**changes):
+        blob = json.dumps({k: v for k, v in {**state, **changes}.items() if v is not None}).encode()
+        return {**sd, key: torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+
+    with pytest.raises(ValueError, match=r"blk.q.weight: double-quantised NF4 weight without shape"):
+        qlora.NF4Weight.from_state_dict(with_state(shape=None), "blk.q")
+    with pytest.raises(ValueError, match=r"blk.q.weight: blocksize must be a power of two"):
+        qlora.NF4Weight.from_state_dict(with_state(blocksize=48), "blk.q")
+    with pytest.raises(ValueError, match=r"blk.q.weight: nested_blocksize 128 is not supported"):
+        qlora.NF4Weight.from_state_dict(with_state(nested_blocksize=128), "blk.q")
