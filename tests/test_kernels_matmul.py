@@ -129,3 +129,19 @@ def test_entry_points_dispatch_and_autograd(monkeypatch):
     torch.testing.assert_close(bias.grad, g.sum(0))
     gi = MM.nf4_linear_grad_input(g, *args)
     assert torch.equal(gi, x.grad)
+
+
+@pytest.mark.parametrize("M", [2, 17])
+def test_float32_inputs_stay_float32(monkeypatch, M):
+    # The fused tiles feed tl.dot, which rounds float32 operands to TF32 on a GPU: float32 must take
+    # the GEMV (exact products) or dequantise + cuBLAS instead, and match float64 to float32 accuracy.
+    def no_tf32_tiles(*args, **kwargs):
+        raise AssertionError("float32 input reached the tensor-core tiles")
+
+    monkeypatch.setattr(MM, "nf4_linear_fused", no_tf32_tiles)
+    monkeypatch.setattr(MM, "nf4_linear_grad_input_fused", no_tf32_tiles)
+    args, w64 = make_weight(70, 192)
+    x = inputs(M, 192, torch.float32)
+    assert rel_err(MM.nf4_linear_triton(x, *args), x.double() @ w64.T) <= 1e-6
+    g = inputs(M, 70, torch.float32, seed=3)
+    assert rel_err(MM.nf4_linear_grad_input_triton(g, *args), g.double() @ w64) <= 1e-6

@@ -81,7 +81,11 @@ def dispatching_op(name: str, schema: str, fake):
     which keeps the op in the graph as one opaque node. Returns the op, for register_autograd."""
     def register(choose):
         def run(*args):
-            return choose(use_triton(args[0]))(*args)
+            first = args[0]
+            if first.is_cuda:  # launch on the tensors' GPU, not whichever is current
+                with torch.cuda.device(first.device):
+                    return choose(use_triton(first))(*args)
+            return choose(use_triton(first))(*args)
 
         op = torch.library.custom_op(f"qlora::{name}", run, mutates_args=(), schema=schema)
         op.register_fake(fake)

@@ -217,11 +217,13 @@ def nf4_linear_triton(x, packed, absmax, quant_map, out_features, in_features, b
     M = x2.shape[0]
     if M == 0:
         out = x2.new_empty(0, N)
-    elif K % blocksize:
+    elif M <= GEMV_MAX_M and not K % blocksize:
+        out = nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
+    elif K % blocksize or x2.dtype == torch.float32:
+        # float32 skips the fused tiles: tl.dot would round its inputs to TF32, while cuBLAS follows
+        # torch's TF32 setting (off by default), as F.linear does.
         out = nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize,
                                         nested_absmax, nested_code, offset, bias)
-    elif M <= GEMV_MAX_M:
-        out = nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
     else:
         out = nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
     return out.view(*x.shape[:-1], N)
@@ -233,7 +235,7 @@ def nf4_linear_grad_input_triton(grad_out, packed, absmax, quant_map, out_featur
     g2 = grad_out.reshape(-1, N).contiguous()
     if g2.shape[0] == 0:
         out = g2.new_empty(0, K)
-    elif K % blocksize:
+    elif K % blocksize or g2.dtype == torch.float32:  # float32: cuBLAS, not TF32 tiles (see above)
         out = nf4_linear_dequant_matmul(g2, packed, absmax, quant_map, N, K, blocksize,
                                         nested_absmax, nested_code, offset, transpose=True)
     else:
