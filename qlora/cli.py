@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from qlora.errors import UserError
+
 SUBCOMMANDS = {
     "quantize": ("qlora.convert", "quantise a checkpoint to NF4 offline (bitsandbytes / HF layout)"),
     "inspect": ("qlora.checkpoint_info", "list a checkpoint's tensors, formats, sizes and bits per parameter"),
@@ -17,20 +19,11 @@ SUBCOMMANDS = {
 }
 
 
-class UserError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qlora", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (module_name, help_text) in SUBCOMMANDS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            continue  # a subcommand not built yet
+        module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
         sub.set_defaults(_module=module)

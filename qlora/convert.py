@@ -347,7 +347,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from qlora.cli import UserError
+    from qlora.errors import UserError
 
     try:
         max_shard_bytes = parse_size(args.max_shard_size)

@@ -17,9 +17,9 @@ import contextlib
 import json
 import math
 import os
-import resource
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from qlora.checkpoint import replacing
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "tiny-llama"
@@ -38,7 +40,7 @@ REPORT = "report.json"
 
 
 def _user_error(message: str) -> Exception:
-    from qlora.cli import UserError
+    from qlora.errors import UserError
 
     return UserError(message)
 
@@ -245,11 +247,14 @@ def save_trainer_state(file: Path, step: int, optimizer_state: dict, settings: d
 
 def load_trainer_state(file: Path) -> dict:
     """Inverse of save_trainer_state: {"step", "settings", "optimizer": an optimizer state dict}."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(file), "pt") as reader:
-        meta = json.loads(reader.metadata()["trainer_state"])
-        tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    try:
+        with safe_open(str(file), "pt") as reader:
+            meta = json.loads((reader.metadata() or {})["trainer_state"])
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (KeyError, ValueError, OSError, SafetensorError) as err:
+        raise _user_error(f"{file}: not a qlora trainer state ({type(err).__name__}: {err})") from None
     state: dict[int, dict] = {}
     for key, value in [*tensors.items(), *meta["scalars"].items()]:
         _, index, name = key.split(".", 2)
@@ -295,7 +300,12 @@ def peak_memory(device: torch.device) -> tuple[int, str]:
     """(bytes, what was measured): the allocator's peak on a GPU, the process's peak RSS on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+    try:
+        import resource  # Unix only; imported here so qlora itself imports on Windows
+    except ImportError:
+        return 0, "not measured (no resource module on this platform)"
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024), "process peak RSS"  # bytes on macOS, KiB on Linux
 
 
 def _mib(n: int) -> str:
@@ -328,7 +338,7 @@ def finetune(
     progress: bool = True,
     step_callback=None,
 ) -> dict:
-    """Fine-tune and return the report (also written to OUT/report.json). Raises qlora.cli.UserError on
+    """Fine-tune and return the report (also written to OUT/report.json). Raises qlora.errors.UserError on
     bad input. step_callback(step, loss), if given, runs after every optimizer step."""
     from tqdm.auto import tqdm
 
@@ -381,8 +391,9 @@ def finetune(
                           "use a longer text or a smaller --seq")
     if len(held_tokens) < 2:
         raise _user_error(f"{data_path}: the held-out part (last {HELD_OUT_FRACTION:.0%}) is too short")
-    if int(train_tokens.max()) >= config.vocab_size:
-        raise _user_error(f"{data_path}: token id {int(train_tokens.max())} outside the model's vocabulary")
+    largest = max(int(train_tokens.max()), int(held_tokens.max()))
+    if largest >= config.vocab_size:
+        raise _user_error(f"{data_path}: token id {largest} outside the model's vocabulary of {config.vocab_size}")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -447,7 +458,8 @@ def finetune(
         "tokens_per_second": round(trained_tokens / max(train_seconds, 1e-9), 1),
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
     }
-    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    with replacing(out / REPORT) as partial:
+        partial.write_text(json.dumps(report, indent=2) + "\n")
     print(f"held-out loss {loss_before:.3f} -> {loss_after:.3f} "
           f"({(loss_after - loss_before) / loss_before:+.1%}) after {steps} steps; "
           f"train {train_seconds:.1f}s at {report['tokens_per_second']:,.0f} tokens/s; "

@@ -257,7 +257,12 @@ class LlamaForCausalLM(nn.Module):
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, **_ignored) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, **_ignored) -> CausalLMOutput:
+        # Causal attention over full rows only: a padded batch would silently attend to its padding.
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} masks out tokens; "
+                             "this model attends causally over whole rows (pack or trim the batch instead)")
         seq = input_ids.shape[-1]
         if seq > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {seq} tokens exceeds the model's context of "

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from qlora.checkpoint import replacing
 import torch.utils._python_dispatch
 import torch.utils._pytree
 from torch import nn
@@ -457,7 +459,7 @@ def write_png(rows: list[dict], path: Path, title: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from qlora.cli import UserError
+        from qlora.errors import UserError
 
         raise UserError("--png needs matplotlib: pip install 'qlora[chart]' (or pip install matplotlib)") from None
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -521,7 +523,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from qlora.cli import UserError
+    from qlora.errors import UserError
     from qlora.llama import ConfigError
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -540,7 +542,8 @@ def run(args) -> int:
     print(title)
     print(format_table(result["rows"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        with replacing(args.json) as partial:
+            partial.write_text(json.dumps(result, indent=2) + "\n")
     if args.png:
         write_png(result["rows"], Path(args.png), title)
     return 0

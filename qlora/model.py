@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qlora.checkpoint import replacing
 from qlora.layer import QuantLoRALinear, lora_scale
 from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight
 
@@ -352,8 +353,10 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
             tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = weight.detach().to("cpu", torch.float32).contiguous()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    with replacing(directory / ADAPTER_WEIGHTS) as partial:
+        save_file(tensors, str(partial), metadata={"format": "pt"})
+    with replacing(directory / ADAPTER_CONFIG) as partial:
+        partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
 

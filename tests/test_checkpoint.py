@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from qlora.checkpoint import (
     INDEX_FILE, CheckpointError, ShardWriter, load_quantized_state_dict, load_state_dict, read_safetensors_header,
-    read_tensors, tensor_headers,
+    read_tensors, replacing, tensor_headers,
 )
 from qlora.nf4 import NF4Weight, quantize_nf4
 
@@ -263,3 +263,17 @@ def test_fp4_checkpoints_are_refused_by_name(tmp_path):
     save_file(state, tmp_path / "q.safetensors")
     message = checkpoint_error(load_quantized_state_dict, tmp_path / "q.safetensors")
     assert "lin.weight.quant_state.bitsandbytes__fp4" in message and "'fp4'" in message
+
+
+def test_replacing_writes_whole_files_or_leaves_the_old_one(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing(target) as partial:
+            partial.write_text("half")
+            raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with replacing(target) as partial:
+        partial.write_text("new")
+        assert target.read_text() == "old"  # nothing visible until the block completes
+    assert target.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

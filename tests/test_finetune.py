@@ -123,6 +123,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     assert "--seq 513 is longer than the model's context (512 tokens" in message
 
     assert "nothing to resume" in _cli_error(capsys, "--resume", "--out", out)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / TRAINER_STATE).write_bytes(b"not safetensors at all")
+    assert "not a qlora trainer state" in _cli_error(capsys, "--resume", "--out", str(foreign))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "something").write_text("x")
     assert "already exists" in _cli_error(capsys, "--out", out)

@@ -101,6 +101,16 @@ def test_context_length_is_enforced():
         ours(torch.zeros(1, 65, dtype=torch.long))
 
 
+def test_a_padding_mask_is_refused_not_ignored():
+    _, ours = hf_and_ours()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    ours(ids, attention_mask=torch.ones(2, 8, dtype=torch.long))  # all ones: nothing to mask
+    mask = torch.ones(2, 8, dtype=torch.long)
+    mask[1, 6:] = 0
+    with pytest.raises(ValueError, match=r"attention_mask of shape \[2, 8\] masks out tokens"):
+        ours(ids, attention_mask=mask)
+
+
 def test_byte_tokenizer_round_trips_any_text():
     tok = ByteTokenizer()
     text = "déjà vu — 日本語 \x00 end"
