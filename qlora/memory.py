@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 
 from qlora.checkpoint import replacing
+from qlora.kernels.adamw import CHUNK
+from qlora.kernels.quantize import NESTED_BLOCKSIZE
+from qlora.optim import DEFAULT_PAGE_SIZE
 import torch.utils._python_dispatch
 import torch.utils._pytree
 from torch import nn
@@ -45,13 +48,13 @@ PRESETS = {name: dict(zip(_PRESET_FIELDS, values)) for name, *values in [
     ("tiny",         256,          704,      4,     4,        4,   259,       512),
 ]}
 
-BLOCKSIZE, NESTED_BLOCKSIZE = 64, 256
+BLOCKSIZE = 64  # the default NF4 block
 # Per quantised linear, besides its codes: the 16-entry NF4 table, the 256-entry nested map, the offset.
 QUANT_TABLE_BYTES = 16 * 4 + 256 * 4 + 4
 CUBLAS_WORKSPACE_BYTES = 32 * 2**20  # torch's default cuBLAS workspace on sm90, from the caching allocator
-# PagedAdamW32bit's layout (qlora.optim): state ranges aligned to CHUNK elements, pages of PAGE_BYTES.
-CHUNK = 2048
-PAGE_BYTES = 16 << 20
+# PagedAdamW32bit's layout, imported so the prediction follows the code: state ranges aligned to
+# CHUNK elements, pages of PAGE_BYTES.
+PAGE_BYTES = DEFAULT_PAGE_SIZE
 PAGED_BUDGET_PAGES = 2  # qlora-paged runs with the smallest budget the optimizer allows: two streaming slots
 
 
@@ -484,9 +487,12 @@ def write_png(rows: list[dict], path: Path, title: str) -> None:
 def bench_memory(preset: str | None = None, config_path: str | None = None, seq: int = 2048, batch: int = 1,
                  grad_ckpt: bool = False, r: int = 64, dropout: float = 0.05, modes=MODES, measure_step: bool = False,
                  device: str | None = None, bf16_adapters: bool = False) -> dict:
-    from qlora.llama import load_config
+    from qlora.llama import ConfigError, load_config
 
     config = preset_config(preset) if preset else load_config(config_path)
+    if measure_step and seq > config.max_position_embeddings:
+        raise ConfigError(f"--seq {seq} is longer than the model's context ({config.max_position_embeddings} tokens); "
+                          "a real step cannot run it")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     shape = Shape(seq=seq, batch=batch, grad_ckpt=grad_ckpt, r=r, dropout=dropout, device=torch.device(device).type,
                   adapter_bytes=2 if bf16_adapters else 4)
