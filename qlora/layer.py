@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
+from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight, nf4_linear, quantize_nf4
 
 # Buffer name of each NF4Weight field. Buffers (not parameters) so .to(device) moves them and
 # the optimiser never sees them; non-persistent because _save_to_state_dict writes them under
@@ -28,28 +28,6 @@ _WEIGHT_BUFFERS = {
     "nested_code": "weight_nested_quant_map",
     "offset": "weight_offset",
 }
-
-
-class _NF4Linear(torch.autograd.Function):
-    """x @ W^T + b for a frozen NF4 W. Backward needs only W, so nothing is saved but the 4-bit
-    buffers the module holds anyway: no dequantised W lives between forward and backward."""
-
-    @staticmethod
-    def forward(ctx, x, bias, packed, absmax, quant_map, nested_absmax, nested_code, offset, layout):
-        weight = _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layout)
-        ctx.layout = layout
-        ctx.save_for_backward(packed, absmax, quant_map, nested_absmax, nested_code, offset)
-        return nf4_linear(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_x = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            weight = _as_nf4(*ctx.saved_tensors, ctx.layout)
-            grad_x = nf4_linear_grad_input(grad_out, weight)
-        if ctx.needs_input_grad[1]:
-            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, grad_bias, None, None, None, None, None, None, None
 
 
 def _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layout) -> NF4Weight:
@@ -250,7 +228,9 @@ class QuantLoRALinear(nn.Module):
         # bitsandbytes' Linear4bit does, so fp32 residual streams stay fp32.
         h = x.to(self.compute_dtype)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        out = _NF4Linear.apply(h, bias, *self._weight_tensors(), self._layout())
+        # The op's own autograd keeps only references to the 4-bit buffers the module holds anyway:
+        # no dequantised W lives between forward and backward.
+        out = nf4_linear(h, self.nf4_weight, bias)
         if self.adapter_active:
             lora_a = self.lora_A.weight.to(self.compute_dtype)
             lora_b = self.lora_B.weight.to(self.compute_dtype)
