@@ -219,8 +219,8 @@ def markdown(results: list[dict], predictions: dict) -> str:
         lines.append(f"65B headline{' (bf16 adapters)' if r.get('bf16_adapters') else ''}: "
                      f"{_gb(r['device_in_use_bytes'])} in use (goal <= 44 GB: {'met' if ok else 'MISSED'}), "
                      f"{r['tokens_per_second']:.0f} tokens/s.")
-    lines.append(f"Reference, transformers + PEFT + bitsandbytes on an H100 (REFERENCE section 7): 7B 2771 tokens/s, "
-                 f"10.7 GB in use; 65B 526 tokens/s, 56.1 GB.")
+    lines.append("Reference, transformers + PEFT + bitsandbytes on an H100 (REFERENCE section 7): 7B 2771 tokens/s, "
+                 "10.7 GB in use; 65B 526 tokens/s, 56.1 GB.")
     return "\n".join(lines) + "\n"
 
 

@@ -9,12 +9,11 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from qlora.checkpoint import (
-    CheckpointError, TensorHeader, nf4_part_names, nf4_prefixes, read_tensors, tensor_headers,
+    CheckpointError, nf4_part_names, nf4_prefixes, read_tensors, tensor_headers,
 )
 from qlora.nf4 import QUANT_STATE_KEY, NF4Weight
 

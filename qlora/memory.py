@@ -156,7 +156,6 @@ def predict(config, mode: str, shape: Shape = Shape()) -> dict[str, int]:
     p_embed = V * D * (1 if config.tie_word_embeddings else 2)
     p_norm = (2 * L + 1) * D
     p_adapter = L * shape.r * sum(i + o for _, i, o in linear_shapes(config))
-    lora = mode != "bf16-full"
     out = dict.fromkeys(COMPONENTS, 0)
 
     if mode == "bf16-full":

@@ -1,7 +1,6 @@
 """The torch references (and, under the interpreter, the Triton kernels) against bitsandbytes'
 CUDA kernel outputs recorded on an H100 (tests/data/bnb_cuda_nf4.safetensors, REFERENCE 4b)."""
 import json
-import os
 from pathlib import Path
 
 import pytest
