@@ -1,7 +1,7 @@
-"""qlora: NF4 quantisation, 4-bit LoRA fine-tuning and paged AdamW, in bitsandbytes' format."""
-from qlora.codebook import dynamic_map, nf4_codebook
+"""qlora: NF4 / FP4 quantisation, 4-bit LoRA fine-tuning and paged AdamW, in bitsandbytes' format."""
+from qlora.codebook import dynamic_map, fp4_codebook, nf4_codebook
 from qlora.checkpoint import CheckpointError, load_quantized_state_dict
-from qlora.nf4 import NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_nf4
+from qlora.nf4 import NF4Weight, nf4_linear, nf4_linear_grad_input, quantize_4bit, quantize_nf4
 from qlora.layer import QuantLoRALinear
 from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
 from qlora.optim import PagedAdamW32bit
@@ -15,6 +15,7 @@ __all__ = [
     "QuantLoRALinear",
     "dynamic_map",
     "finetune",
+    "fp4_codebook",
     "load_adapter",
     "load_quantized",
     "load_quantized_state_dict",
@@ -22,6 +23,7 @@ __all__ = [
     "nf4_linear",
     "nf4_linear_grad_input",
     "prepare_model",
+    "quantize_4bit",
     "quantize_checkpoint",
     "quantize_nf4",
     "save_adapter",

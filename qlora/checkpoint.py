@@ -19,13 +19,14 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from qlora.nf4 import QUANT_STATE_KEY, NF4Weight
+from qlora.nf4 import QUANT_STATE_KEYS, NF4Weight
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# The suffixes of an NF4 weight's companion tensors, after "prefix.weight".
-NF4_PART_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", "." + QUANT_STATE_KEY)
+# The suffixes of a 4-bit (NF4 or FP4) weight's companion tensors, after "prefix.weight".
+NF4_PART_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map",
+                     *("." + key for key in QUANT_STATE_KEYS.values()))
 # Safetensors headers beyond this are not real checkpoints (the format itself caps them at 100 MB).
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
@@ -201,9 +202,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def nf4_prefixes(names: Iterable[str]) -> list[str]:
-    """Module prefixes holding an NF4 weight: those with a `prefix.weight.quant_state.bitsandbytes__nf4` key."""
-    marker = ".weight." + QUANT_STATE_KEY
-    return [name[: -len(marker)] for name in names if name.endswith(marker)]
+    """Module prefixes holding a 4-bit weight: those with a `prefix.weight.quant_state.bitsandbytes__nf4`
+    (or `__fp4`) key."""
+    markers = tuple(".weight." + key for key in QUANT_STATE_KEYS.values())
+    return [name.rsplit(".weight.", 1)[0] for name in names if name.endswith(markers)]
+
+
+def quant_state_name(prefix: str, names: Iterable[str]) -> str:
+    """The name of the JSON quant state of the 4-bit weight at prefix (the nf4 or the fp4 key)."""
+    names = set(names)
+    return next((f"{prefix}.weight.{key}" for key in QUANT_STATE_KEYS.values() if f"{prefix}.weight.{key}" in names),
+                f"{prefix}.weight.{QUANT_STATE_KEYS['nf4']}")
 
 
 def nf4_part_names(prefix: str) -> list[str]:
@@ -214,13 +223,13 @@ def nf4_part_names(prefix: str) -> list[str]:
 
 def _check_quant_types(names: Iterable[str], where: Path) -> None:
     for name in names:
-        if ".quant_state.bitsandbytes__" in name and not name.endswith(QUANT_STATE_KEY):
+        if ".quant_state.bitsandbytes__" in name and not name.endswith(tuple(QUANT_STATE_KEYS.values())):
             raise CheckpointError(f"{where}: tensor {name}: quant type {name.rsplit('__', 1)[1]!r} is not "
-                                  "supported, only nf4")
+                                  "supported, only nf4 or fp4")
 
 
 def load_quantized_state_dict(path: str | os.PathLike) -> dict[str, NF4Weight | torch.Tensor]:
-    """Read a quantised checkpoint (qlora's, or transformers + bitsandbytes'): each NF4 linear's
+    """Read a quantised checkpoint (qlora's, or transformers + bitsandbytes'): each NF4 or FP4 linear's
     keys become one NF4Weight under `prefix.weight`; every other tensor is returned as it is."""
     path = Path(path)
     headers = tensor_headers(path)

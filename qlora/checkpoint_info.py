@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from qlora.checkpoint import (
-    CheckpointError, nf4_part_names, nf4_prefixes, read_tensors, tensor_headers,
+    CheckpointError, nf4_part_names, nf4_prefixes, quant_state_name, read_tensors, tensor_headers,
 )
-from qlora.nf4 import QUANT_STATE_KEY, NF4Weight
+from qlora.codebook import QUANT_TYPES as QUANTIZED_FORMATS
+from qlora.nf4 import NF4Weight
 
 SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
@@ -24,7 +25,7 @@ SHORT_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float3
 class TensorInfo:
     name: str
     shape: tuple[int, ...]
-    format: str  # "nf4-dq", "nf4", or the stored dtype ("bf16", "fp32", "u8", ...)
+    format: str  # "nf4-dq", "nf4", "fp4-dq", "fp4", or the stored dtype ("bf16", "fp32", "u8", ...)
     nbytes: int  # everything stored for it, an NF4 weight's scales and tables included
     blocksize: int | None = None
     rel_error: float | None = None  # ||W - W_stored|| / ||W|| against the original, with --against
@@ -47,21 +48,22 @@ def describe_checkpoint(path: str | os.PathLike) -> list[TensorInfo]:
     headers = tensor_headers(path)
     parts_of = {prefix: [n for n in nf4_part_names(prefix) if n in headers] for prefix in nf4_prefixes(headers)}
     owner = {part: prefix for prefix, parts in parts_of.items() for part in parts}
-    blobs = dict(read_tensors(headers, [f"{prefix}.weight.{QUANT_STATE_KEY}" for prefix in parts_of]))
+    state_names = {prefix: quant_state_name(prefix, headers) for prefix in parts_of}
+    blobs = dict(read_tensors(headers, list(state_names.values())))
     rows = []
     for name, header in headers.items():
         prefix = owner.get(name)
         if prefix is None:
             rows.append(TensorInfo(name, header.shape, _dtype_name(header.dtype), header.nbytes))
         elif name == f"{prefix}.weight":
-            blob = blobs[f"{name}.{QUANT_STATE_KEY}"]
+            blob = blobs[state_names[prefix]]
             try:
                 state = json.loads(bytes(blob.tolist()).decode("utf-8"))
                 shape, blocksize = tuple(int(s) for s in state["shape"]), int(state["blocksize"])
             except (ValueError, KeyError, TypeError) as err:
-                raise CheckpointError(f"{header.file}: tensor {name}.{QUANT_STATE_KEY}: corrupt quant state "
+                raise CheckpointError(f"{header.file}: tensor {state_names[prefix]}: corrupt quant state "
                                       f"({type(err).__name__}: {err})") from None
-            fmt = "nf4-dq" if "nested_blocksize" in state else "nf4"
+            fmt = str(state.get("quant_type", "nf4")) + ("-dq" if "nested_blocksize" in state else "")
             nbytes = sum(headers[part].nbytes for part in parts_of[prefix])
             rows.append(TensorInfo(name, shape, fmt, nbytes, blocksize))
     return rows
@@ -78,7 +80,7 @@ def add_reconstruction_errors(path: str | os.PathLike, rows: list[TensorInfo], o
             raise CheckpointError(f"{header.file}: tensor {row.name}: shape {list(header.shape)} in the original, "
                                   f"{list(row.shape)} in {path}")
         (_, reference), = read_tensors(original_headers, [row.name])
-        if row.format.startswith("nf4"):
+        if row.format.startswith(QUANTIZED_FORMATS):
             parts = dict(read_tensors(headers, [n for n in nf4_part_names(row.name[: -len('.weight')]) if n in headers]))
             try:
                 stored = NF4Weight.from_state_dict(parts, row.name[: -len(".weight")]).dequantize(torch.float32)
@@ -113,14 +115,15 @@ def format_table(rows: list[TensorInfo]) -> str:
         return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     out = [render(header), render(["-" * w for w in widths])] + [render(c) for c in lines]
-    quantized = [r for r in rows if r.format.startswith("nf4")]
+    quantized = [r for r in rows if r.format.startswith(QUANTIZED_FORMATS)]
     total_bytes, total_params = sum(r.nbytes for r in rows), sum(r.numel for r in rows)
     out.append("")
     out.append(f"total: {len(rows)} tensors, {total_params:,} parameters, {total_bytes:,} bytes, "
                f"{8 * total_bytes / max(total_params, 1):.3f} bits/param")
     if quantized:
         q_bytes, q_params = sum(r.nbytes for r in quantized), sum(r.numel for r in quantized)
-        line = (f"NF4: {len(quantized)} tensors, {q_params:,} parameters, {q_bytes:,} bytes, "
+        kinds = "/".join(sorted({r.format.split("-")[0].upper() for r in quantized}))
+        line = (f"{kinds}: {len(quantized)} tensors, {q_params:,} parameters, {q_bytes:,} bytes, "
                 f"{8 * q_bytes / q_params:.3f} bits/param (per-tensor tables included)")
         errors = [r.rel_error for r in quantized if r.rel_error is not None]
         if errors:

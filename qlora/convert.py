@@ -23,7 +23,8 @@ from qlora.checkpoint import (
     nf4_prefixes, read_tensors, tensor_headers,
 )
 from qlora.kernels.quantize import check_blocksize
-from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
+from qlora.codebook import QUANT_TYPES
+from qlora.nf4 import SUPPORTED_DTYPES, quantize_4bit
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "tiny-llama"
 DEFAULT_OUTPUT = Path("qlora-out") / "tiny-llama-nf4"
@@ -50,6 +51,7 @@ class QuantizeSummary:
     skipped_modules: list[str] = field(default_factory=list)
     shards: int = 1
     seconds: float = 0.0
+    quant_type: str = "nf4"  # what the weights were quantised to: "nf4" or "fp4"
 
     @property
     def bits_per_param(self) -> float:
@@ -64,7 +66,7 @@ class QuantizeSummary:
     def lines(self) -> list[str]:
         return [
             f"wrote {self.output.resolve()} ({self.shards} shard{'s' if self.shards != 1 else ''}) in {self.seconds:.1f} s",
-            f"tensors: {self.tensors_quantized} quantised to NF4, {self.tensors_copied} copied unchanged",
+            f"tensors: {self.tensors_quantized} quantised to {self.quant_type.upper()}, {self.tensors_copied} copied unchanged",
             f"size: {_human(self.bytes_before)} -> {_human(self.bytes_after)} "
             f"({self.bytes_before / max(self.bytes_after, 1):.2f}x smaller)",
             f"bits per parameter: {self.bits_per_param:.3f} in quantised weights "
@@ -120,7 +122,8 @@ def plan_quantization(headers: dict[str, TensorHeader], skip: tuple[str, ...]) -
     return quantize, kept
 
 
-def quantization_config(double_quant: bool, compute_dtype: str, skip_modules: list[str]) -> dict:
+def quantization_config(double_quant: bool, compute_dtype: str, skip_modules: list[str],
+                        quant_type: str = "nf4") -> dict:
     """The config.json block transformers reads to load a bitsandbytes 4-bit checkpoint."""
     return {
         "quant_method": "bitsandbytes",
@@ -128,7 +131,7 @@ def quantization_config(double_quant: bool, compute_dtype: str, skip_modules: li
         "load_in_8bit": False,
         "_load_in_4bit": True,
         "_load_in_8bit": False,
-        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_quant_type": quant_type,
         "bnb_4bit_use_double_quant": double_quant,
         "bnb_4bit_compute_dtype": compute_dtype,
         "bnb_4bit_quant_storage": "uint8",
@@ -199,7 +202,8 @@ def _write_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, header: 
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{header.file}: tensor {name}: shape {list(tensor.shape)} holds {bad} NaN/Inf "
                               "values; pass --allow-nonfinite to quantise it anyway")
-    weight = quantize_nf4(tensor.to(device), blocksize, double_quant, name=name, allow_nonfinite=True).to("cpu")
+    weight = quantize_4bit(tensor.to(device), summary.quant_type, blocksize, double_quant, name=name,
+                           allow_nonfinite=True).to("cpu")
     writer.add(weight.state_dict(name[: -len(".weight")]))
     summary.tensors_quantized += 1
     summary.params_quantized += weight.numel
@@ -244,18 +248,22 @@ def quantize_checkpoint(
     allow_nonfinite: bool = False,
     progress: bool = True,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    quant_type: str = "nf4",
 ) -> QuantizeSummary:
     """Quantise every linear layer's weight of SRC to NF4 and write DST in bitsandbytes' HF layout.
 
     src: a Hugging Face model directory or a single .safetensors file (default: the embedded
     tiny Llama). dst: the output directory (default ./qlora-out/tiny-llama-nf4). lm_head,
     embeddings and norms stay as they are; `skip` adds module names ("down_proj", "layers.0").
+    quant_type: "nf4" (default) or "fp4", bitsandbytes' bnb_4bit_quant_type.
     Raises CheckpointError (a ValueError) with one line naming the file and tensor on bad input.
     """
     started = time.perf_counter()
     src = Path(src) if src is not None else DEFAULT_MODEL
     dst = Path(dst) if dst is not None else DEFAULT_OUTPUT
     _check_inputs(src, dst, blocksize, compute_dtype, device, force)
+    if quant_type not in QUANT_TYPES:
+        raise CheckpointError(f"quant type {quant_type!r} is not one of {', '.join(QUANT_TYPES)}")
     headers = tensor_headers(src)
     if nf4_prefixes(headers):
         raise CheckpointError(f"{src}: already holds NF4 weights (quant_state keys); nothing to quantise")
@@ -268,7 +276,7 @@ def quantize_checkpoint(
     to_quantize, kept = plan_quantization(headers, DEFAULT_SKIP + skip)
     # Full module names: every transformers version's matcher then skips exactly these.
     skipped_modules = sorted(set(kept) | set(DEFAULT_SKIP), key=lambda m: (m != "lm_head", m))
-    summary = QuantizeSummary(output=dst, skipped_modules=skipped_modules)
+    summary = QuantizeSummary(output=dst, skipped_modules=skipped_modules, quant_type=quant_type)
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
@@ -276,7 +284,7 @@ def quantize_checkpoint(
         os.chmod(work_dir, 0o777 & ~_current_umask())  # mkdtemp makes it private; DST should not be
         _write_checkpoint(work_dir, headers, set(to_quantize), blocksize, double_quant, device,
                           allow_nonfinite, max_shard_bytes, summary, progress)
-        config["quantization_config"] = quantization_config(double_quant, compute_dtype, skipped_modules)
+        config["quantization_config"] = quantization_config(double_quant, compute_dtype, skipped_modules, quant_type)
         (work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if src.is_dir():
             _copy_other_files(src, work_dir)
@@ -332,6 +340,8 @@ def add_arguments(parser) -> None:
                         help="Hugging Face model directory or .safetensors file (default: the embedded tiny Llama)")
     parser.add_argument("dst", nargs="?", default=None, help=f"output directory (default: ./{DEFAULT_OUTPUT})")
     parser.add_argument("--blocksize", type=int, default=64, help="NF4 block size, a power of two 32..4096 (64)")
+    parser.add_argument("--quant-type", default="nf4", choices=QUANT_TYPES,
+                        help="4-bit type, bitsandbytes' bnb_4bit_quant_type: nf4 or fp4 (nf4)")
     parser.add_argument("--no-double-quant", dest="double_quant", action="store_false",
                         help="keep block scales in float32 (4.5 bits/param instead of 4.127)")
     parser.add_argument("--skip", action="append", default=[], metavar="NAMES",
@@ -358,6 +368,7 @@ def run(args) -> int:
             args.src, args.dst, blocksize=args.blocksize, double_quant=args.double_quant, skip=args.skip,
             compute_dtype=args.compute_dtype, device=args.device, force=args.force,
             allow_nonfinite=args.allow_nonfinite, progress=args.progress, max_shard_bytes=max_shard_bytes,
+            quant_type=args.quant_type,
         )
     except CheckpointError as err:
         raise UserError(str(err)) from None

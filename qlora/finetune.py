@@ -182,8 +182,8 @@ def is_quantised(model_dir: Path) -> bool:
     if not quant:
         return False
     if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", False) \
-            or quant.get("bnb_4bit_quant_type", "nf4") != "nf4":
-        raise _user_error(f"{model_dir}: quantization_config is not bitsandbytes NF4 4-bit "
+            or quant.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
+        raise _user_error(f"{model_dir}: quantization_config is not bitsandbytes NF4 or FP4 4-bit "
                           f"(quant_method={quant.get('quant_method')!r}, "
                           f"bnb_4bit_quant_type={quant.get('bnb_4bit_quant_type')!r})")
     return True

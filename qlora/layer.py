@@ -273,7 +273,7 @@ class QuantLoRALinear(nn.Module):
         delta = self.delta_weight(torch.float32)
         target = original.dequantize(torch.float32) + delta
         merged = quantize_nf4(target.to(original.dtype), original.blocksize, original.double_quant,
-                              name="merged weight")
+                              name="merged weight", quant_type=original.quant_type)
         error = merged.dequantize(torch.float32) - target
         self._original_weight = original
         self._set_weight(replace(merged, nested_blocksize=original.nested_blocksize))

@@ -1,4 +1,5 @@
-"""NF4Weight: a 4-bit weight in bitsandbytes' exact layout, and quantize_nf4 that makes one."""
+"""NF4Weight: a 4-bit weight (NF4 or FP4) in bitsandbytes' exact layout, and quantize_4bit /
+quantize_nf4 that make one."""
 from __future__ import annotations
 
 import json
@@ -7,25 +8,30 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qlora.codebook import dynamic_map, nf4_codebook
+from qlora.codebook import QUANT_TYPES, dynamic_map, quant_table
 from qlora.kernels import matmul
 from qlora.kernels.dequantize import dequantize_nf4
 from qlora.kernels.quantize import NESTED_BLOCKSIZE, check_blocksize, quantize_absmax, quantize_nf4_blocks
+from qlora.kernels.quantize_fp4 import quantize_fp4_blocks
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
+# The key of the JSON quant state names the type: bitsandbytes writes one of these per weight.
+QUANT_STATE_KEYS = {quant_type: f"quant_state.bitsandbytes__{quant_type}" for quant_type in QUANT_TYPES}
+_BLOCK_QUANTIZERS = {"nf4": quantize_nf4_blocks, "fp4": quantize_fp4_blocks}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES_BY_NAME = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
 
 
 @dataclass(frozen=True)
 class NF4Weight:
-    """A blockwise NF4-quantised tensor, stored exactly as bitsandbytes stores it.
+    """A blockwise 4-bit tensor (NF4, or FP4 with quant_type="fp4"), stored exactly as bitsandbytes stores it.
 
     packed: uint8 [(numel+1)//2, 1], two codes per byte, element 2i in the high nibble.
     absmax: uint8 [n_blocks] codes with double quantisation, else float32 [n_blocks].
     nested_absmax, nested_code, offset: the double quantisation's float32 scales
     [ceil(n_blocks/256)], its 256-entry dynamic map and the mean that was subtracted.
+    quant_map: the 16 values of the codes (the NF4 or FP4 table), what every kernel decodes with.
     """
 
     packed: torch.Tensor
@@ -38,10 +44,11 @@ class NF4Weight:
     nested_code: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
+    quant_type: str = "nf4"
 
     def __post_init__(self):
         if self.quant_map is None:
-            object.__setattr__(self, "quant_map", nf4_codebook().to(self.packed.device))
+            object.__setattr__(self, "quant_map", quant_table(self.quant_type).to(self.packed.device))
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
     @property
@@ -91,7 +98,7 @@ class NF4Weight:
         return out.view(self.shape)
 
     def quant_state_json(self) -> dict:
-        state = {"quant_type": "nf4", "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
+        state = {"quant_type": self.quant_type, "blocksize": self.blocksize, "dtype": _DTYPE_NAMES[self.dtype],
                  "shape": list(self.shape)}
         if self.double_quant:
             state.update(nested_blocksize=self.nested_blocksize, nested_dtype="float32",
@@ -110,23 +117,26 @@ class NF4Weight:
         if self.double_quant:
             out[f"{key}.nested_absmax"] = self.nested_absmax
             out[f"{key}.nested_quant_map"] = self.nested_code
-        out[f"{key}.{QUANT_STATE_KEY}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+        out[f"{key}.{QUANT_STATE_KEYS[self.quant_type]}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
         return out
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "") -> NF4Weight:
         """Inverse of state_dict: reads qlora's or bitsandbytes' keys for the linear at `prefix`."""
         key = f"{prefix}.weight" if prefix else "weight"
-        missing = [k for k in (key, f"{key}.absmax", f"{key}.{QUANT_STATE_KEY}") if k not in state_dict]
+        quant_type = next((t for t, k in QUANT_STATE_KEYS.items() if f"{key}.{k}" in state_dict), "nf4")
+        state_key = f"{key}.{QUANT_STATE_KEYS[quant_type]}"
+        missing = [k for k in (key, f"{key}.absmax", state_key) if k not in state_dict]
         if missing:
             raise KeyError(f"{key}: not an NF4 weight, missing {', '.join(missing)}")
-        blob = state_dict[f"{key}.{QUANT_STATE_KEY}"]
+        blob = state_dict[state_key]
         try:
             state = json.loads(bytes(blob.to("cpu", torch.uint8).tolist()).decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{key}.{QUANT_STATE_KEY}: not valid UTF-8 JSON ({err})") from None
-        if state.get("quant_type") != "nf4":
-            raise ValueError(f"{key}: quant_type {state.get('quant_type')!r} is not supported, only 'nf4'")
+            raise ValueError(f"{state_key}: not valid UTF-8 JSON ({err})") from None
+        if state.get("quant_type") != quant_type:
+            raise ValueError(f"{state_key}: quant_type {state.get('quant_type')!r} does not match the key's "
+                             f"{quant_type!r}")
         if state.get("dtype") not in _DTYPES_BY_NAME:
             raise ValueError(f"{key}: unsupported original dtype {state.get('dtype')!r}")
         double_quant = "nested_blocksize" in state
@@ -137,7 +147,7 @@ class NF4Weight:
         if missing:
             raise ValueError(f"{key}: double-quantised NF4 weight without {', '.join(missing)}" if double_quant
                              else f"{key}: NF4 quant state without {', '.join(missing)}")
-        packed = state_dict[key]
+        packed = packed_bytes(state_dict[key], key, state["shape"])
         weight = cls(
             packed=packed,
             absmax=state_dict[f"{key}.absmax"],
@@ -151,12 +161,16 @@ class NF4Weight:
             offset=(torch.tensor(state["nested_offset"], dtype=torch.float32, device=packed.device)
                     if double_quant else None),
             nested_blocksize=int(state.get("nested_blocksize", NESTED_BLOCKSIZE)),
+            quant_type=quant_type,
         )
         weight.validate(key)
         return weight
 
     def validate(self, name: str = "weight") -> None:
         """Raise ValueError naming the tensor if the parts do not fit together."""
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"{name}: quant_type {self.quant_type!r} is not supported, only "
+                             f"{' or '.join(map(repr, QUANT_TYPES))}")
         try:
             check_blocksize(self.blocksize)
         except ValueError as err:
@@ -179,6 +193,20 @@ class NF4Weight:
                 )
 
 
+def packed_bytes(packed: torch.Tensor, name: str, shape) -> torch.Tensor:
+    """The packed codes as uint8 [bytes, 1]. bitsandbytes' quant_storage (bfloat16, float16, float32
+    for FSDP, which wants every tensor in one dtype) stores the same bytes viewed as that dtype,
+    [(numel+1)//2 / itemsize, 1]: view them back; a byte count that does not fit is refused by name."""
+    if packed.dtype == torch.uint8:
+        return packed
+    needed = (math.prod(int(s) for s in shape) + 1) // 2
+    stored = packed.numel() * packed.element_size()
+    if stored != needed:
+        raise ValueError(f"{name}: {list(packed.shape)} of {packed.dtype} (quant storage) holds {stored} bytes; "
+                         f"a weight of shape {list(shape)} needs {needed}")
+    return packed.contiguous().view(-1).view(torch.uint8).view(-1, 1)
+
+
 def quantize_nf4(
     w: torch.Tensor,
     blocksize: int = 64,
@@ -186,8 +214,10 @@ def quantize_nf4(
     *,
     name: str = "weight",
     allow_nonfinite: bool = False,
+    quant_type: str = "nf4",
 ) -> NF4Weight:
-    """Quantise a float32 / bfloat16 / float16 tensor of any shape to NF4 (bitsandbytes bytes)."""
+    """Quantise a float32 / bfloat16 / float16 tensor of any shape to NF4 (bitsandbytes bytes);
+    quant_type="fp4" makes FP4 (see quantize_4bit)."""
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(w).__name__}")
     if w.dtype not in SUPPORTED_DTYPES:
@@ -199,12 +229,29 @@ def quantize_nf4(
     if not allow_nonfinite and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{name}: shape {list(w.shape)} holds {bad} NaN/Inf values")
-    packed, absmax = quantize_nf4_blocks(w.detach(), blocksize)
-    fields = dict(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize)
+    packed, absmax = _BLOCK_QUANTIZERS[quant_type](w.detach(), blocksize)
+    fields = dict(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize,
+                  quant_type=quant_type)
     if double_quant:
         codes, nested_absmax, offset = quantize_absmax(absmax)
         fields.update(absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map().to(w.device), offset=offset)
     return NF4Weight(**fields)
+
+
+def quantize_4bit(
+    w: torch.Tensor,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    *,
+    name: str = "weight",
+    allow_nonfinite: bool = False,
+) -> NF4Weight:
+    """Quantise w to bitsandbytes' 4-bit format: quant_type "nf4" (the QLoRA default) or "fp4", with
+    the bytes bitsandbytes' CUDA kernel writes (bnb_4bit_quant_type, blocksize, compress_statistics)."""
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"{name}: quant_type must be {' or '.join(map(repr, QUANT_TYPES))}, got {quant_type!r}")
+    return quantize_nf4(w, blocksize, double_quant, name=name, allow_nonfinite=allow_nonfinite, quant_type=quant_type)
 
 
 def _kernel_args(w: NF4Weight) -> tuple:
