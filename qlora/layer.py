@@ -31,10 +31,10 @@ _WEIGHT_BUFFERS = {
 
 
 def _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layout) -> NF4Weight:
-    shape, dtype, blocksize, nested_blocksize = layout
+    shape, dtype, blocksize, nested_blocksize, quant_type = layout
     return NF4Weight(packed=packed, absmax=absmax, shape=shape, dtype=dtype, blocksize=blocksize,
                      quant_map=quant_map, nested_absmax=nested_absmax, nested_code=nested_code,
-                     offset=offset, nested_blocksize=nested_blocksize)
+                     offset=offset, nested_blocksize=nested_blocksize, quant_type=quant_type)
 
 
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
@@ -143,6 +143,7 @@ class QuantLoRALinear(nn.Module):
         self.weight_dtype = weight.dtype
         self.blocksize = weight.blocksize
         self.nested_blocksize = weight.nested_blocksize
+        self.quant_type = weight.quant_type
 
     @property
     def nf4_weight(self) -> NF4Weight:
@@ -153,7 +154,8 @@ class QuantLoRALinear(nn.Module):
         return tuple(self._buffers[name] for name in _WEIGHT_BUFFERS.values())
 
     def _layout(self) -> tuple:
-        return (self.out_features, self.in_features), self.weight_dtype, self.blocksize, self.nested_blocksize
+        return ((self.out_features, self.in_features), self.weight_dtype, self.blocksize, self.nested_blocksize,
+                self.quant_type)
 
     @property
     def double_quant(self) -> bool:
