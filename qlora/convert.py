@@ -24,7 +24,7 @@ from qlora.checkpoint import (
 )
 from qlora.kernels.quantize import check_blocksize
 from qlora.codebook import QUANT_TYPES
-from qlora.nf4 import SUPPORTED_DTYPES, quantize_4bit
+from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "tiny-llama"
 DEFAULT_OUTPUT = Path("qlora-out") / "tiny-llama-nf4"
@@ -202,8 +202,8 @@ def _write_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, header: 
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{header.file}: tensor {name}: shape {list(tensor.shape)} holds {bad} NaN/Inf "
                               "values; pass --allow-nonfinite to quantise it anyway")
-    weight = quantize_4bit(tensor.to(device), summary.quant_type, blocksize, double_quant, name=name,
-                           allow_nonfinite=True).to("cpu")
+    weight = quantize_nf4(tensor.to(device), blocksize, double_quant, name=name, allow_nonfinite=True,
+                          quant_type=summary.quant_type).to("cpu")
     writer.add(weight.state_dict(name[: -len(".weight")]))
     summary.tensors_quantized += 1
     summary.params_quantized += weight.numel

@@ -257,12 +257,12 @@ def test_nf4_parts_that_do_not_fit_name_the_tensor(tmp_path):
     assert "q.safetensors" in message and "blk.lin.weight.absmax" in message
 
 
-def test_fp4_checkpoints_are_refused_by_name(tmp_path):
+def test_unknown_quant_types_are_refused_by_name(tmp_path):
     state = {"lin.weight": torch.zeros(8, 1, dtype=torch.uint8),
-             "lin.weight.quant_state.bitsandbytes__fp4": torch.zeros(4, dtype=torch.uint8)}
+             "lin.weight.quant_state.bitsandbytes__af4": torch.zeros(4, dtype=torch.uint8)}
     save_file(state, tmp_path / "q.safetensors")
     message = checkpoint_error(load_quantized_state_dict, tmp_path / "q.safetensors")
-    assert "lin.weight.quant_state.bitsandbytes__fp4" in message and "'fp4'" in message
+    assert "lin.weight.quant_state.bitsandbytes__af4" in message and "'af4'" in message
 
 
 def test_replacing_writes_whole_files_or_leaves_the_old_one(tmp_path):
