@@ -12,7 +12,7 @@ import torch
 
 from qlora.codebook import FP4_CODE_OF_RANK, FP4_SIGN_BIT, fp4_thresholds
 from qlora.kernels import backend
-from qlora.kernels.quantize import REFERENCE_CHUNK, QUANT_TILE, _tile_ids, check_blocksize
+from qlora.kernels.quantize import REFERENCE_CHUNK, QUANT_TILE, _quantize_nf4_blocks_fake, _tile_ids, check_blocksize
 
 from qlora.kernels.backend import tl, triton
 
@@ -31,6 +31,12 @@ def fp4_codes_reference(y: torch.Tensor) -> torch.Tensor:
     return codes | (y < 0).to(torch.uint8) * FP4_SIGN_BIT
 
 
+def _empty_outputs(numel: int, blocksize: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised (packed uint8 [(numel+1)//2], absmax float32 [n_blocks]), for the quantiser to fill."""
+    return (torch.empty((numel + 1) // 2, dtype=torch.uint8, device=device),
+            torch.empty(-(-numel // blocksize), dtype=torch.float32, device=device))
+
+
 def quantize_fp4_blocks_reference(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantise a tensor of any shape to FP4: (packed uint8 [(n+1)//2], absmax float32 [n_blocks]).
 
@@ -39,11 +45,9 @@ def quantize_fp4_blocks_reference(x: torch.Tensor, blocksize: int = 64) -> tuple
     elements, so no byte straddles two chunks): memory stays near a few times the chunk."""
     check_blocksize(blocksize)
     flat = x.reshape(-1)
-    numel = flat.numel()
-    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(-(-numel // blocksize), dtype=torch.float32, device=x.device)
+    packed, absmax = _empty_outputs(flat.numel(), blocksize, x.device)
     step = max(REFERENCE_CHUNK // blocksize, 1) * blocksize
-    for start in range(0, numel, step):
+    for start in range(0, flat.numel(), step):
         values = flat[start:start + step].to(torch.float32)
         count = values.numel()
         blocks = torch.nn.functional.pad(values, (0, -count % blocksize)).view(-1, blocksize)
@@ -92,33 +96,25 @@ def _device_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_fp4_blocks_triton(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton version of quantize_fp4_blocks_reference: the same bytes, one launch."""
     check_blocksize(blocksize)
-    x = x.reshape(-1).contiguous()
-    numel = x.numel()
-    n_blocks = -(-numel // blocksize)
-    packed = torch.empty((numel + 1) // 2, dtype=torch.uint8, device=x.device)
-    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
-    if numel:
+    flat = x.reshape(-1).contiguous()
+    packed, absmax = _empty_outputs(flat.numel(), blocksize, x.device)
+    if flat.numel():
         per_program = max(1, QUANT_TILE // blocksize)
-        _quantize_fp4_kernel[(triton.cdiv(n_blocks, per_program),)](
-            x, *_device_tables(x.device), packed, absmax, numel, n_blocks,
+        _quantize_fp4_kernel[(triton.cdiv(absmax.numel(), per_program),)](
+            flat, *_device_tables(x.device), packed, absmax, flat.numel(), absmax.numel(),
             BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, num_warps=4,
         )
     return packed, absmax
 
 
-def _quantize_fp4_blocks_fake(x, blocksize):
-    return (x.new_empty((x.numel() + 1) // 2, dtype=torch.uint8),
-            x.new_empty(-(-x.numel() // blocksize), dtype=torch.float32))
-
-
-@backend.dispatching_op("quantize_fp4_blocks", "(Tensor x, int blocksize) -> (Tensor, Tensor)",
-                        _quantize_fp4_blocks_fake)
-def _quantize_fp4_blocks_op(use_triton: bool):
-    return quantize_fp4_blocks_triton if use_triton else quantize_fp4_blocks_reference
+# The same op shape as NF4's (packed bytes, absmax per block), so its fake serves under torch.compile.
+backend.dispatching_op("quantize_fp4_blocks", "(Tensor x, int blocksize) -> (Tensor, Tensor)",
+                       _quantize_nf4_blocks_fake)(
+    lambda use_triton: quantize_fp4_blocks_triton if use_triton else quantize_fp4_blocks_reference)
 
 
 def quantize_fp4_blocks(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatching entry point: (packed, absmax) for a tensor of any shape (see backend.py)."""
+    """Dispatching entry point: (packed, absmax) for a tensor of any shape; Triton on CUDA tensors,
+    the reference on CPU ones (see backend.py), a torch.library op that torch.compile keeps."""
     check_blocksize(blocksize)
-    packed, absmax = torch.ops.qlora.quantize_fp4_blocks(x, blocksize)
-    return packed, absmax
+    return tuple(torch.ops.qlora.quantize_fp4_blocks(x, blocksize))
