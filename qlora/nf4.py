@@ -229,6 +229,8 @@ def quantize_nf4(
     if not allow_nonfinite and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())
         raise ValueError(f"{name}: shape {list(w.shape)} holds {bad} NaN/Inf values")
+    if quant_type not in _BLOCK_QUANTIZERS:
+        raise ValueError(f"{name}: quant_type must be {' or '.join(map(repr, QUANT_TYPES))}, got {quant_type!r}")
     packed, absmax = _BLOCK_QUANTIZERS[quant_type](w.detach(), blocksize)
     fields = dict(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize,
                   quant_type=quant_type)
@@ -249,8 +251,6 @@ def quantize_4bit(
 ) -> NF4Weight:
     """Quantise w to bitsandbytes' 4-bit format: quant_type "nf4" (the QLoRA default) or "fp4", with
     the bytes bitsandbytes' CUDA kernel writes (bnb_4bit_quant_type, blocksize, compress_statistics)."""
-    if quant_type not in QUANT_TYPES:
-        raise ValueError(f"{name}: quant_type must be {' or '.join(map(repr, QUANT_TYPES))}, got {quant_type!r}")
     return quantize_nf4(w, blocksize, double_quant, name=name, allow_nonfinite=allow_nonfinite, quant_type=quant_type)
 
 

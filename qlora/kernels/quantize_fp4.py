@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from qlora.codebook import FP4_CODE_OF_RANK, FP4_SIGN_BIT, fp4_thresholds
+from qlora.codebook import FP4_CODE_OF_RANK, fp4_thresholds
 from qlora.kernels import backend
 from qlora.kernels.quantize import REFERENCE_CHUNK, QUANT_TILE, _quantize_nf4_blocks_fake, _tile_ids, check_blocksize
 
@@ -18,17 +18,14 @@ from qlora.kernels.backend import tl, triton
 
 
 def fp4_codes_reference(y: torch.Tensor) -> torch.Tensor:
-    """uint8 FP4 codes of float32 values y already divided by their block's absmax.
+    """uint8 FP4 codes of float32 values y already divided by their block's absmax (finite: the NaN
+    of an all-zero block is the caller's to map to code 0, as the CUDA kernel's comparisons do).
 
-    Comparisons with NaN are false, so the NaN of an all-zero block (0 * inf) gets code 0 as in
-    the CUDA kernel; -0.0 is not below zero and gets code 0 too, a tiny negative y gets 0b1000."""
-    thresholds = fp4_thresholds().to(y.device)
-    magnitude = y.abs()
-    rank = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
-    for k in range(thresholds.numel()):
-        rank += magnitude > thresholds[k]
-    codes = torch.tensor(FP4_CODE_OF_RANK, dtype=torch.uint8, device=y.device)[rank.long()]
-    return codes | (y < 0).to(torch.uint8) * FP4_SIGN_BIT
+    -0.0 is not below zero and gets code 0; a tiny negative y gets 0b1000, as in the CUDA kernel."""
+    # bucketize counts the thresholds strictly below |y|: a tie goes to the smaller magnitude.
+    rank = torch.bucketize(y.abs(), fp4_thresholds().to(y.device), out_int32=True)
+    codes = torch.tensor(FP4_CODE_OF_RANK, dtype=torch.uint8, device=y.device)[rank]
+    return codes | ((y < 0).to(torch.uint8) << 3)
 
 
 def _empty_outputs(numel: int, blocksize: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +49,9 @@ def quantize_fp4_blocks_reference(x: torch.Tensor, blocksize: int = 64) -> tuple
         count = values.numel()
         blocks = torch.nn.functional.pad(values, (0, -count % blocksize)).view(-1, blocksize)
         scale = blocks.abs().amax(dim=1)
-        codes = fp4_codes_reference(blocks * torch.reciprocal(scale)[:, None]).view(-1)[: count + count % 2]
+        codes = fp4_codes_reference(blocks * torch.reciprocal(scale)[:, None])
+        codes[scale == 0] = 0  # 0 * (1/0) is NaN, which the CUDA kernel's comparisons send to code 0
+        codes = codes.view(-1)[: count + count % 2]
         packed[start // 2:start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
         absmax[start // blocksize:start // blocksize + scale.numel()] = scale
     return packed, absmax
