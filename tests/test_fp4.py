@@ -164,3 +164,14 @@ def test_fp4_layer_forward_state_dict_and_merge_keep_fp4():
     assert "weight.quant_state.bitsandbytes__fp4" in state and "weight.quant_state.bitsandbytes__nf4" not in state
     layer.merge()
     assert layer.nf4_weight.quant_type == "fp4" and torch.equal(layer.nf4_weight.quant_map, fp4_codebook())
+
+
+@pytest.mark.parametrize("kernel", QUANTIZERS)
+def test_nonfinite_values_get_the_cuda_codes(kernel):
+    """With allow_nonfinite, NaN fails every comparison (code 0) and an infinite block scale makes the
+    block's finite values 0 and its inf NaN: code 0 throughout, in both implementations."""
+    x = torch.randn(128)
+    x[3], x[70] = float("nan"), float("inf")
+    packed, _ = QUANTIZERS[kernel](x, 64)
+    codes = unpack(packed, 128)
+    assert codes[3].item() == 0 and codes[64:].tolist() == [0] * 64

@@ -18,12 +18,13 @@ from qlora.kernels.backend import tl, triton
 
 
 def fp4_codes_reference(y: torch.Tensor) -> torch.Tensor:
-    """uint8 FP4 codes of float32 values y already divided by their block's absmax (finite: the NaN
-    of an all-zero block is the caller's to map to code 0, as the CUDA kernel's comparisons do).
+    """uint8 FP4 codes of float32 values y already divided by their block's absmax.
 
-    -0.0 is not below zero and gets code 0; a tiny negative y gets 0b1000, as in the CUDA kernel."""
-    # bucketize counts the thresholds strictly below |y|: a tie goes to the smaller magnitude.
-    rank = torch.bucketize(y.abs(), fp4_thresholds().to(y.device), out_int32=True)
+    As in the CUDA kernel: NaN (0 * inf, an all-zero block) fails every comparison and gets code 0;
+    -0.0 is not below zero and gets code 0; a tiny negative y gets 0b1000."""
+    # bucketize counts the thresholds strictly below |y| (a tie goes to the smaller magnitude), but
+    # counts NaN as above them all: hence NaN -> 0 first.
+    rank = torch.bucketize(torch.nan_to_num(y.abs(), nan=0.0), fp4_thresholds().to(y.device), out_int32=True)
     codes = torch.tensor(FP4_CODE_OF_RANK, dtype=torch.uint8, device=y.device)[rank]
     return codes | ((y < 0).to(torch.uint8) << 3)
 
@@ -49,9 +50,7 @@ def quantize_fp4_blocks_reference(x: torch.Tensor, blocksize: int = 64) -> tuple
         count = values.numel()
         blocks = torch.nn.functional.pad(values, (0, -count % blocksize)).view(-1, blocksize)
         scale = blocks.abs().amax(dim=1)
-        codes = fp4_codes_reference(blocks * torch.reciprocal(scale)[:, None])
-        codes[scale == 0] = 0  # 0 * (1/0) is NaN, which the CUDA kernel's comparisons send to code 0
-        codes = codes.view(-1)[: count + count % 2]
+        codes = fp4_codes_reference(blocks * torch.reciprocal(scale)[:, None]).view(-1)[: count + count % 2]
         packed[start // 2:start // 2 + codes.numel() // 2] = (codes[0::2] << 4) | codes[1::2]
         absmax[start // blocksize:start // blocksize + scale.numel()] = scale
     return packed, absmax
