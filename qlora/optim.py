@@ -2,10 +2,9 @@
 
 Every parameter with state owns a range of one flat state space per device, aligned to the
 kernel's CHUNK. The space is cut into fixed-size pages, each a float32 [rows, page_numel]
-tensor (row 0 exp_avg, row 1 exp_avg_sq, row 2 max_exp_avg_sq once any group asks for amsgrad)
-held either on the device ("resident") or in
-pinned host memory. A byte budget caps the device memory the pages hold. When the states
-do not fit, step() streams the host pages through a ring of device slots on a side stream,
+tensor (row 0 exp_avg, row 1 exp_avg_sq, row 2 max_exp_avg_sq once any group asks for
+amsgrad) held either on the device ("resident") or in pinned host memory. A byte budget
+caps the device memory the pages hold. When the states do not fit, step() streams the host pages through a ring of device slots on a side stream,
 updates them there and writes them back, while the resident pages are updated in one launch.
 No CUDA managed memory anywhere: the driver never migrates anything behind our back.
 
@@ -23,13 +22,6 @@ from typing import Callable, Sequence
 import torch
 
 from qlora.kernels import backend
-from qlora.optim_options import (
-    adamw_defaults,
-    adopt_implementation_flags,
-    check_group,
-    fill_missing_flags,
-    group_flags,
-)
 from qlora.kernels.adamw import (
     CHUNK,
     PAGE_COLUMNS,
@@ -39,6 +31,13 @@ from qlora.kernels.adamw import (
     grad_clip_factor,
     make_chunks,
     tensor_rows,
+)
+from qlora.optim_options import (
+    adamw_defaults,
+    adopt_implementation_flags,
+    check_group,
+    fill_missing_flags,
+    group_flags,
 )
 
 DEFAULT_PAGE_SIZE = 16 << 20  # bytes of state per page (both moments): 2M parameters
@@ -416,14 +415,17 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     The arguments up to fused are torch.optim.AdamW's, with its defaults (lr 1e-3, weight
     decay 1e-2), amsgrad and maximize included; foreach and fused are accepted and change
     nothing (there is one, fused, implementation); capturable=True and differentiable=True
-    are refused (see qlora/optim_options.py). The rest are ours. gpu_budget: bytes of GPU memory the states may hold, or "auto" (keep everything resident
+    are refused (see qlora/optim_options.py). The rest are ours.
+
+    gpu_budget: bytes of GPU memory the states may hold, or "auto" (keep everything resident
     while torch.cuda.mem_get_info shows headroom above a reserve; evict least-recently-used
     pages when it does not). page_size: bytes per page, both moments together (a multiple
-    of 16 KiB; amsgrad in any group adds a third row, max_exp_avg_sq, to every page). max_grad_norm: clip the gradients' total L2 norm to this, computed on the
+    of 16 KiB; amsgrad in any group adds a third row, max_exp_avg_sq, to every page).
+    max_grad_norm: clip the gradients' total L2 norm to this, computed on the
     device (the gradients themselves are left untouched).
 
-    States are exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad; float32) and step under torch's names; state_dict()
-    returns them as CPU tensors, so checkpoints never need the GPU memory the budget saves.
+    States are exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad groups; float32) and step under
+    torch's names; state_dict() returns them as CPU tensors, so checkpoints never need the GPU memory the budget saves.
     CPU parameters are updated with the torch reference; an integer gpu_budget there runs
     the page table with CPU memory on both sides (a simulation, used by the tests).
     """

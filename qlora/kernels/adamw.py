@@ -13,8 +13,8 @@ serves every mix of param groups.
 
 The kernel walks a table of chunks. A chunk is CHUNK consecutive elements of one tensor;
 its parameter and gradient are found through a per-tensor table of offsets, its states
-(exp_avg, exp_avg_sq and, for amsgrad, max_exp_avg_sq) through a page table (see qlora/optim.py): one launch covers hundreds of tensors
-and any mix of state locations, with no host synchronisation. Offsets are in elements
+(exp_avg, exp_avg_sq and, for amsgrad, max_exp_avg_sq) through a page table (see
+qlora/optim.py): one launch covers hundreds of tensors and any mix of state locations, with no host synchronisation. Offsets are in elements
 from a base tensor passed to the launch, so the compiler sees a 16-byte-aligned base
 and (with the alignment hint) keeps its vectorised loads.
 """
