@@ -4,8 +4,9 @@ Every parameter with state owns a range of one flat state space per device, alig
 kernel's CHUNK. The space is cut into fixed-size pages, each a float32 [rows, page_numel]
 tensor (row 0 exp_avg, row 1 exp_avg_sq, row 2 max_exp_avg_sq once any group asks for
 amsgrad) held either on the device ("resident") or in pinned host memory. A byte budget
-caps the device memory the pages hold. When the states do not fit, step() streams the host pages through a ring of device slots on a side stream,
-updates them there and writes them back, while the resident pages are updated in one launch.
+caps the device memory the pages hold. When the states do not fit, step() streams the host
+pages through a ring of device slots on a side stream, updates them there and writes them
+back, while the resident pages are updated in one launch.
 No CUDA managed memory anywhere: the driver never migrates anything behind our back.
 
 On the CPU the same page table runs with CPU tensors on both sides and the torch reference
