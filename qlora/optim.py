@@ -663,7 +663,9 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             states = store.read(start, p.numel())
             entry["exp_avg"] = states[0].view(p.shape)
             entry["exp_avg_sq"] = states[1].view(p.shape)
-            if id(p) in amsgrad:  # torch keeps max_exp_avg_sq for the parameters of amsgrad groups
+            # torch keeps max_exp_avg_sq for the parameters of amsgrad groups (the row exists once a
+            # step has run with amsgrad on)
+            if id(p) in amsgrad and states.shape[0] > 2:
                 entry["max_exp_avg_sq"] = states[2].view(p.shape)
             state_dict["state"][i] = entry
         return state_dict

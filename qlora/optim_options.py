@@ -53,7 +53,7 @@ def check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None
 
 def check_flags(group: dict, where: str) -> None:
     for flag in ("amsgrad", "maximize"):
-        if not isinstance(group.get(flag, False), bool):
+        if group.get(flag, False) not in (True, False):  # bools, 0 and 1, numpy's bools
             raise ValueError(f"{flag}{where} must be True or False, got {group[flag]!r}")
     for flag, reason in _REFUSED.items():
         if group.get(flag):

@@ -457,6 +457,9 @@ def test_amsgrad_group_added_later_grows_the_pages_and_keeps_the_states():
         _step_both(opt, ref, ours, theirs, step)
     store = opt.store("cpu")
     assert store.rows == 2 and any(p.device_data is None for p in store.pages)
+    opt.param_groups[0]["amsgrad"] = True  # no step has made the row yet: no max_exp_avg_sq to report
+    assert all("max_exp_avg_sq" not in entry for entry in opt.state_dict()["state"].values())
+    opt.param_groups[0]["amsgrad"] = False
     opt.add_param_group({"params": ours[5:], "amsgrad": True})
     ref.add_param_group({"params": theirs[5:], "amsgrad": True})
     for step in range(6, 16):
