@@ -233,12 +233,13 @@ class QuantLoRALinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         weight = self.nf4_weight
-        if weight.device.type == "meta" and weight.offset is not None:
+        meta = weight.device.type == "meta"
+        if meta and weight.offset is not None:
             # The quant state's JSON holds the offset's value, which a meta layer does not have yet:
             # the keys and shapes are what a meta state dict is for (every tensor stays on meta).
             weight = replace(weight, offset=torch.zeros((), dtype=torch.float32))
         for key, tensor in weight.state_dict(prefix[:-1]).items():
-            tensor = tensor.to(self.weight.device)
+            tensor = tensor.to("meta") if meta else tensor
             destination[key] = tensor if keep_vars else tensor.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
