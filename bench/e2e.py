@@ -77,7 +77,7 @@ def run_qlora(preset: str, steps: int, bf16_adapters: bool) -> dict:
     model = build_random_model(config, "qlora", shape, torch.device("cuda"))  # quantised layer by layer
     build_seconds = time.perf_counter() - start
     model.train()
-    optimizer = PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=LR,
+    optimizer = PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0,
                                 max_grad_norm=MAX_GRAD_NORM, gpu_budget="auto")
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), device="cuda")
     losses = []
@@ -144,7 +144,7 @@ def run_hf(preset: str, steps: int) -> dict:
     build_seconds = time.perf_counter() - start
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = bnb.optim.PagedAdamW32bit(params, lr=LR)
+    optimizer = bnb.optim.PagedAdamW32bit(params, lr=LR, weight_decay=0.0)
     ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), device="cuda")
     losses = []
 

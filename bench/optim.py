@@ -159,7 +159,8 @@ def main(argv=None) -> int:
     rows.append(foreach)
     del foreach["opt"]
 
-    resident = run_case("ours, all resident (auto)", lambda ps: PagedAdamW32bit(ps, gpu_budget="auto"),
+    resident = run_case("ours, all resident (auto)",
+                        lambda ps: PagedAdamW32bit(ps, lr=2e-4, weight_decay=0.0, gpu_budget="auto"),
                         params, args.reps)
     store = resident["opt"].store("cuda")
     resident["held"] = store.device_bytes
@@ -167,7 +168,8 @@ def main(argv=None) -> int:
     rows.append(resident)
     del resident["opt"], store
 
-    paged = run_case("ours, gpu_budget 25 %", lambda ps: PagedAdamW32bit(ps, gpu_budget=budget), params, 1)
+    paged = run_case("ours, gpu_budget 25 %",
+                     lambda ps: PagedAdamW32bit(ps, lr=2e-4, weight_decay=0.0, gpu_budget=budget), params, 1)
     store = paged["opt"].store("cuda")
     moved_before = store.bytes_streamed
     paged["ms"] = time_steps_ms(paged["opt"], args.reps, warmup=0)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight, nf4_linear, quantize_nf4
+from qlora.nf4 import NESTED_BLOCKSIZE, SUPPORTED_DTYPES, NF4Weight, check_blocksize, nf4_linear, quantize_nf4
 
 # Buffer name of each NF4Weight field. Buffers (not parameters) so .to(device) moves them and
 # the optimiser never sees them; non-persistent because _save_to_state_dict writes them under
@@ -37,6 +38,39 @@ def _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layou
                      offset=offset, nested_blocksize=nested_blocksize, quant_type=quant_type)
 
 
+def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, blocksize: int, double_quant: bool) -> NF4Weight:
+    """An NF4Weight on the meta device: every part with its shape and dtype, no values (nothing to quantise)."""
+    check_blocksize(blocksize)
+    numel = math.prod(shape)
+    n_blocks = -(-numel // blocksize)
+    meta = dict(device="meta")
+    fields = dict(packed=torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, **meta),
+                  absmax=torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, **meta),
+                  quant_map=torch.empty(16, dtype=torch.float32, **meta), shape=shape, dtype=dtype,
+                  blocksize=blocksize)
+    if double_quant:
+        fields.update(nested_absmax=torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32, **meta),
+                      nested_code=torch.empty(256, dtype=torch.float32, **meta),
+                      offset=torch.empty((), dtype=torch.float32, **meta))
+    return NF4Weight(**fields)
+
+
+def _initial_weight(out_features: int, in_features: int, dtype: torch.dtype, blocksize: int, double_quant: bool,
+                    device) -> NF4Weight:
+    """nn.Linear's initialisation, quantised (on the meta device: the layout alone)."""
+    init = torch.empty(out_features, in_features, dtype=dtype, device=device)
+    if init.is_meta:  # device="meta" or a `with torch.device("meta")` block
+        return _meta_nf4((out_features, in_features), dtype, blocksize, double_quant)
+    nn.init.kaiming_uniform_(init, a=math.sqrt(5))
+    return quantize_nf4(init, blocksize, double_quant)
+
+
+def _init_bias_(bias: torch.Tensor, in_features: int) -> None:
+    bound = 1 / math.sqrt(in_features) if in_features else 0.0
+    with torch.no_grad():
+        bias.uniform_(-bound, bound)
+
+
 def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     """alpha / r, or alpha / sqrt(r) with rsLoRA (which keeps updates stable as r grows)."""
     if r <= 0:
@@ -45,7 +79,12 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
 
 
 class QuantLoRALinear(nn.Module):
-    """Frozen NF4 linear plus LoRA. r = 0 means no adapter (a plain 4-bit linear)."""
+    """Frozen NF4 linear plus LoRA. r = 0 means no adapter (a plain 4-bit linear).
+
+    device="meta" (or a `with torch.device("meta")` block) builds the layout without values,
+    as large models are assembled: then load_state_dict(..., assign=True), or to_empty() and
+    load_state_dict() / reset_parameters().
+    """
 
     def __init__(
         self,
@@ -72,20 +111,20 @@ class QuantLoRALinear(nn.Module):
         self.compute_dtype = compute_dtype
         if weight is None:
             # nn.Linear's own initialisation, quantised: a fresh layer behaves like a fresh nn.Linear.
-            init = torch.empty(self.out_features, self.in_features, dtype=compute_dtype, device=device)
-            nn.init.kaiming_uniform_(init, a=math.sqrt(5))
-            weight = quantize_nf4(init, blocksize, double_quant)
+            weight = _initial_weight(self.out_features, self.in_features, compute_dtype, blocksize, double_quant,
+                                     device)
         for name in _WEIGHT_BUFFERS.values():
             self.register_buffer(name, None, persistent=False)
         self._set_weight(weight)
         if bias:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
-            init_bias = torch.empty(self.out_features, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
+            init_bias = torch.empty(self.out_features, dtype=weight.dtype, device=weight.device)
+            _init_bias_(init_bias, self.in_features)
             self.bias = nn.Parameter(init_bias, requires_grad=False)  # part of the frozen base
         else:
             self.register_parameter("bias", None)
         self.merged = False
         self._original_weight: NF4Weight | None = None  # the bytes merge() replaced
+        self._merge_report: dict[str, float] | None = None
         self._adapter_disabled = False
         self.add_adapter(r, alpha, dropout, use_rslora, dtype=adapter_dtype)
 
@@ -129,8 +168,24 @@ class QuantLoRALinear(nn.Module):
         device = self.weight.device
         self.lora_A = nn.Linear(self.in_features, self.r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(self.r, self.out_features, bias=False, device=device, dtype=dtype)
+        self._init_adapter()
+
+    def _init_adapter(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """A fresh layer's values on the layer's device (after to_empty() from the meta device):
+        nn.Linear's initialisation quantised, the bias likewise, A Kaiming-uniform and B zeros."""
+        weight = _initial_weight(self.out_features, self.in_features, self.weight_dtype, self.blocksize,
+                                 self.double_quant, self.weight.device)
+        self._set_weight(weight)
+        self.merged, self._original_weight, self._merge_report = False, None, None
+        if self.bias is not None:
+            _init_bias_(self.bias, self.in_features)
+        if self.r:
+            self._init_adapter()
 
     # ---- the NF4 weight held as buffers ----------------------------------------------------------
 
@@ -179,7 +234,14 @@ class QuantLoRALinear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        for key, tensor in self.nf4_weight.state_dict(prefix[:-1]).items():
+        weight = self.nf4_weight
+        meta = weight.device.type == "meta"
+        if meta and weight.offset is not None:
+            # The quant state's JSON holds the offset's value, which a meta layer does not have yet:
+            # the keys and shapes are what a meta state dict is for (every tensor stays on meta).
+            weight = replace(weight, offset=torch.zeros((), dtype=torch.float32))
+        for key, tensor in weight.state_dict(prefix[:-1]).items():
+            tensor = tensor.to("meta") if meta else tensor
             destination[key] = tensor if keep_vars else tensor.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -203,7 +265,7 @@ class QuantLoRALinear(nn.Module):
         current = self.weight.device
         assign = local_metadata.get("assign_to_params_buffers", False) or current.type == "meta"
         self._set_weight(weight if assign else weight.to(current))
-        self.merged, self._original_weight = False, None
+        self.merged, self._original_weight, self._merge_report = False, None, None
 
     # ---- forward ---------------------------------------------------------------------------------
 
@@ -244,14 +306,21 @@ class QuantLoRALinear(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self):
-        """Run the base layer alone inside the block."""
-        if self.merged:
-            raise RuntimeError("disable_adapter() on a merged layer: unmerge() first")
+        """Run the base layer alone inside the block. A merged layer gets its original bytes back for
+        the block (PEFT unmerges too) and its merged bytes after it (PEFT stays unmerged: see README)."""
+        merged = (self.nf4_weight, self._merge_report) if self.merged else None
+        if merged is not None:
+            self.unmerge()
         previous, self._adapter_disabled = self._adapter_disabled, True
         try:
             yield self
         finally:
             self._adapter_disabled = previous
+            if merged is not None and not self.merged:
+                # The same bytes merge() made: requantising W + scale*B@A again would give them too.
+                self._original_weight = self.nf4_weight
+                self._set_weight(merged[0].to(self.weight.device))
+                self.merged, self._merge_report = True, merged[1]
 
     # ---- merging and export ----------------------------------------------------------------------
 
@@ -263,14 +332,20 @@ class QuantLoRALinear(nn.Module):
         return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
 
     @torch.no_grad()
-    def merge(self) -> dict[str, float]:
+    def merge(self, safe_merge: bool = False) -> dict[str, float]:
         """Fold the adapter into the 4-bit weight (dequantise, add, requantise) and report what the
         requantisation lost: errors of the new 4-bit W against W + scale*B@A, next to the size of the
-        update itself (an update far below the NF4 step is mostly lost). unmerge() undoes it exactly."""
+        update itself (an update far below the NF4 step is mostly lost). unmerge() undoes it exactly.
+
+        As in PEFT, merging a merged layer warns and changes nothing (the report is the first one's).
+        safe_merge is PEFT's argument; every merge here is safe: a non-finite result is refused
+        before anything changes."""
         if self.r == 0:
             raise RuntimeError("merge(): this layer has no adapter (r=0)")
         if self.merged:
-            raise RuntimeError("merge(): already merged")
+            # PEFT's words, so code that filters or checks them keeps working.
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
+            return dict(self._merge_report)
         original = self.nf4_weight
         delta = self.delta_weight(torch.float32)
         target = original.dequantize(torch.float32) + delta
@@ -280,19 +355,22 @@ class QuantLoRALinear(nn.Module):
         self._original_weight = original
         self._set_weight(replace(merged, nested_blocksize=original.nested_blocksize))
         self.merged = True
-        return {
+        self._merge_report = {
             "max_abs_error": float(error.abs().max()),
             "rms_error": float(error.pow(2).mean().sqrt()),
             "delta_rms": float(delta.pow(2).mean().sqrt()),
         }
+        return dict(self._merge_report)
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Restore the exact 4-bit bytes merge() replaced."""
+        """Restore the exact 4-bit bytes merge() replaced (on a layer that is not merged: a warning
+        and nothing else, as in PEFT)."""
         if not self.merged:
-            raise RuntimeError("unmerge(): not merged")
+            warnings.warn("Already unmerged. Nothing to do.", UserWarning, stacklevel=2)
+            return
         self._set_weight(self._original_weight.to(self.weight.device))
-        self._original_weight, self.merged = None, False
+        self._original_weight, self.merged, self._merge_report = None, False, None
 
     @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:

@@ -225,6 +225,9 @@ def quantize_nf4(
                         "use float32, bfloat16 or float16")
     if w.numel() == 0:
         raise ValueError(f"{name}: shape {list(w.shape)} has no elements")
+    if w.is_meta:
+        raise ValueError(f"{name}: shape {list(w.shape)} is on the meta device and holds no values to quantise; "
+                         "load or initialise it on a real device first")
     check_blocksize(blocksize)
     if not allow_nonfinite and not bool(torch.isfinite(w).all()):
         bad = int((~torch.isfinite(w)).sum())

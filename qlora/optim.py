@@ -1,11 +1,12 @@
 """PagedAdamW32bit: torch.optim.AdamW's update with float32 states in explicitly paged memory.
 
 Every parameter with state owns a range of one flat state space per device, aligned to the
-kernel's CHUNK. The space is cut into fixed-size pages, each a float32 [2, page_numel]
-tensor (row 0 exp_avg, row 1 exp_avg_sq) held either on the device ("resident") or in
-pinned host memory. A byte budget caps the device memory the pages hold. When the states
-do not fit, step() streams the host pages through a ring of device slots on a side stream,
-updates them there and writes them back, while the resident pages are updated in one launch.
+kernel's CHUNK. The space is cut into fixed-size pages, each a float32 [rows, page_numel]
+tensor (row 0 exp_avg, row 1 exp_avg_sq, row 2 max_exp_avg_sq once any group asks for
+amsgrad) held either on the device ("resident") or in pinned host memory. A byte budget
+caps the device memory the pages hold. When the states do not fit, step() streams the host
+pages through a ring of device slots on a side stream, updates them there and writes them
+back, while the resident pages are updated in one launch.
 No CUDA managed memory anywhere: the driver never migrates anything behind our back.
 
 On the CPU the same page table runs with CPU tensors on both sides and the torch reference
@@ -24,6 +25,7 @@ import torch
 from qlora.kernels import backend
 from qlora.kernels.adamw import (
     CHUNK,
+    PAGE_COLUMNS,
     adamw_chunks_,
     adamw_scalars,
     adamw_update_reference,
@@ -31,9 +33,17 @@ from qlora.kernels.adamw import (
     make_chunks,
     tensor_rows,
 )
+from qlora.optim_options import (
+    adamw_defaults,
+    adopt_implementation_flags,
+    check_group,
+    fill_missing_flags,
+    group_flags,
+)
 
 DEFAULT_PAGE_SIZE = 16 << 20  # bytes of state per page (both moments): 2M parameters
-STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each
+STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each (page_size counts these two)
+AMSGRAD_ROWS = 3               # rows of a page once amsgrad needs max_exp_avg_sq
 STREAM_SLOTS = 3               # device slots streamed pages pass through (2 would serialise compute)
 AUTO_RESERVE_FRACTION = 0.05   # "auto" leaves this much of the device free for activations
 UNLIMITED_PAGES = 1 << 62      # capacity with no budget to follow
@@ -77,11 +87,13 @@ class PagedStates:
         *,
         headroom: Callable[[], int] | None = None,
         reserve: int | None = None,
+        rows: int = 2,
     ) -> None:
         if page_numel <= 0 or page_numel % CHUNK:
             raise ValueError(f"page_numel must be a positive multiple of {CHUNK}, got {page_numel}")
         self.device = torch.device(device)
         self.page_numel = page_numel
+        self.rows = rows
         self.budget = budget
         self.cuda = self.device.type == "cuda"
         if budget == "auto" and headroom is None and self.cuda:
@@ -109,7 +121,7 @@ class PagedStates:
     # ---- sizes and limits -------------------------------------------------------------
     @property
     def page_bytes(self) -> int:
-        return STATE_BYTES_PER_ELEMENT * self.page_numel
+        return 4 * self.rows * self.page_numel
 
     @property
     def resident_pages(self) -> list[int]:
@@ -146,14 +158,31 @@ class PagedStates:
         while len(self.pages) * self.page_numel < self.numel:
             page = Page()
             if len(self.resident_pages) < self._resident_limit(len(self.pages) + 1, self._capacity_pages(False)):
-                page.device_data = torch.zeros((2, self.page_numel), dtype=torch.float32, device=self.device)
+                page.device_data = torch.zeros((self.rows, self.page_numel), dtype=torch.float32, device=self.device)
             else:
                 page.host_data = self._host_zeros()
             self.pages.append(page)
         return start
 
     def _host_zeros(self) -> torch.Tensor:
-        return torch.zeros((2, self.page_numel), dtype=torch.float32, pin_memory=self.cuda)
+        return torch.zeros((self.rows, self.page_numel), dtype=torch.float32, pin_memory=self.cuda)
+
+    def add_rows(self, rows: int) -> None:
+        """Grow every page (and the slots) to `rows` rows, the new ones zero: amsgrad switched on."""
+        if rows <= self.rows:
+            return
+        self.synchronize()
+        for page in self.pages:
+            for side in ("device_data", "host_data"):
+                old = getattr(page, side)
+                if old is not None:
+                    new = torch.zeros((rows, self.page_numel), dtype=torch.float32, device=old.device,
+                                      pin_memory=side == "host_data" and self.cuda)
+                    new[:self.rows].copy_(old)
+                    setattr(page, side, new)
+        self.rows = rows
+        self.slots, self.slot_free = [], []
+        self.page_table, self._page_table_key = None, None
 
     def pieces(self, start: int, numel: int):
         """(page, offset in page, offset in range, length) for a flat range."""
@@ -171,7 +200,7 @@ class PagedStates:
         if page.device_data is None:
             return
         if page.host_data is None:
-            page.host_data = torch.empty((2, self.page_numel), dtype=torch.float32, pin_memory=self.cuda)
+            page.host_data = torch.empty((self.rows, self.page_numel), dtype=torch.float32, pin_memory=self.cuda)
         # On the compute stream: a later allocation reusing the freed block is ordered after it.
         page.host_data.copy_(page.device_data, non_blocking=self.cuda)
         page.device_data = None
@@ -181,7 +210,7 @@ class PagedStates:
         page = self.pages[k]
         if page.device_data is not None:
             return
-        page.device_data = torch.empty((2, self.page_numel), dtype=torch.float32, device=self.device)
+        page.device_data = torch.empty((self.rows, self.page_numel), dtype=torch.float32, device=self.device)
         page.device_data.copy_(page.host_data, non_blocking=self.cuda)
         # The device copy is authoritative now; keeping the host one would hold the states twice.
         # (The caching host allocator keeps pinned memory alive until the async copy is done.)
@@ -209,7 +238,7 @@ class PagedStates:
             self.slots, self.slot_free = [], []
         elif not self.slots:
             n_slots = self._slot_count(capacity)
-            self.slots = [torch.empty((2, self.page_numel), dtype=torch.float32, device=self.device)
+            self.slots = [torch.empty((self.rows, self.page_numel), dtype=torch.float32, device=self.device)
                           for _ in range(n_slots)]
             self.slot_free = [None] * n_slots
 
@@ -291,13 +320,13 @@ class PagedStates:
         for k in range(len(self.pages)):
             data = self.active.get(k)
             if data is None:
-                rows += (0, 0)
+                rows += (0, 0, 0)
             else:
                 offset = (data.data_ptr() - base) // 4
-                rows += (offset, offset + self.page_numel)
+                rows += (offset, offset + self.page_numel, offset + 2 * self.page_numel if self.rows > 2 else 0)
         key = tuple(rows)
         if key != self._page_table_key:
-            self.page_table = _to_device(torch.tensor(rows, dtype=torch.int64).view(-1, 2), self.device)
+            self.page_table = _to_device(torch.tensor(rows, dtype=torch.int64).view(-1, PAGE_COLUMNS), self.device)
             self._page_table_key = key
 
     # ---- reading and writing ranges (state dicts) -------------------------------------------
@@ -306,9 +335,9 @@ class PagedStates:
             torch.cuda.synchronize(self.device)
 
     def read(self, start: int, numel: int) -> torch.Tensor:
-        """float32 [2, numel] CPU copy of a range, wherever its pages are."""
+        """float32 [rows, numel] CPU copy of a range, wherever its pages are."""
         self.synchronize()
-        out = torch.empty((2, numel), dtype=torch.float32)
+        out = torch.empty((self.rows, numel), dtype=torch.float32)
         for k, offset, at, length in self.pieces(start, numel):
             page = self.pages[k]
             source = page.device_data if page.device_data is not None else page.host_data
@@ -316,39 +345,13 @@ class PagedStates:
         return out
 
     def write(self, start: int, data: torch.Tensor) -> None:
-        """Overwrite a range with float32 [2, numel] data."""
+        """Overwrite the first rows of a range with float32 [rows, numel] data."""
         self.synchronize()
         for k, offset, at, length in self.pieces(start, data.shape[1]):
             page = self.pages[k]
             target = page.device_data if page.device_data is not None else page.host_data
-            target[:, offset:offset + length].copy_(data[:, at:at + length])
+            target[:data.shape[0], offset:offset + length].copy_(data[:, at:at + length])
         self.synchronize()
-
-
-def _check_hyperparameters(lr, betas, eps, weight_decay, where: str = "") -> None:
-    if isinstance(lr, torch.Tensor):
-        raise TypeError(f"lr{where} must be a Python number, got a tensor")
-    if not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"lr{where} must be a finite number >= 0, got {lr!r}")
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas{where} must be a pair of numbers in [0, 1), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if isinstance(beta, torch.Tensor) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"betas[{i}]{where} must be a number in [0, 1), got {beta!r}")
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
-        raise ValueError(f"eps{where} must be a finite number >= 0, got {eps!r}")
-    if not isinstance(weight_decay, (int, float)) or not math.isfinite(weight_decay) or weight_decay < 0:
-        raise ValueError(f"weight_decay{where} must be a finite number >= 0, got {weight_decay!r}")
-
-
-def _check_group(group: dict, index: int) -> None:
-    where = f" (param group {index})"
-    _check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"], where)
-    for flag in ("amsgrad", "maximize"):
-        if group.get(flag):
-            raise ValueError(f"PagedAdamW32bit does not implement {flag}=True{where}")
-    if group.get("decoupled_weight_decay") is False:
-        raise ValueError(f"PagedAdamW32bit applies decoupled weight decay (AdamW), the group asks for Adam's{where}")
 
 
 class _Plan:
@@ -410,14 +413,20 @@ class _Plan:
 class PagedAdamW32bit(torch.optim.Optimizer):
     """torch.optim.AdamW with float32 states paged between the GPU and pinned host memory.
 
+    The arguments up to fused are torch.optim.AdamW's, with its defaults (lr 1e-3, weight
+    decay 1e-2), amsgrad and maximize included; foreach and fused are accepted and change
+    nothing (there is one, fused, implementation); capturable=True and differentiable=True
+    are refused (see qlora/optim_options.py). The rest are ours.
+
     gpu_budget: bytes of GPU memory the states may hold, or "auto" (keep everything resident
     while torch.cuda.mem_get_info shows headroom above a reserve; evict least-recently-used
     pages when it does not). page_size: bytes per page, both moments together (a multiple
-    of 16 KiB). max_grad_norm: clip the gradients' total L2 norm to this, computed on the
+    of 16 KiB; amsgrad in any group adds a third row, max_exp_avg_sq, to every page).
+    max_grad_norm: clip the gradients' total L2 norm to this, computed on the
     device (the gradients themselves are left untouched).
 
-    States are exp_avg, exp_avg_sq (float32) and step under torch's names; state_dict()
-    returns them as CPU tensors, so checkpoints never need the GPU memory the budget saves.
+    States are exp_avg, exp_avg_sq, max_exp_avg_sq (amsgrad groups; float32) and step under
+    torch's names; state_dict() returns them as CPU tensors, so checkpoints never need the GPU memory the budget saves.
     CPU parameters are updated with the torch reference; an integer gpu_budget there runs
     the page table with CPU memory on both sides (a simulation, used by the tests).
     """
@@ -425,15 +434,23 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 2e-4,
+        lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         gpu_budget: int | str = "auto",
         page_size: int = DEFAULT_PAGE_SIZE,
         max_grad_norm: float | None = None,
     ) -> None:
-        _check_hyperparameters(lr, betas, eps, weight_decay)
+        defaults = adamw_defaults(lr, betas, eps, weight_decay, amsgrad, maximize, foreach, capturable,
+                                  differentiable, fused)
         if not isinstance(page_size, int) or page_size <= 0 or page_size % (STATE_BYTES_PER_ELEMENT * CHUNK):
             raise ValueError(f"page_size must be a positive multiple of {STATE_BYTES_PER_ELEMENT * CHUNK} bytes, "
                              f"got {page_size!r}")
@@ -445,7 +462,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                                  "streaming needs at least two device slots; raise it or lower page_size")
         if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {max_grad_norm!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, defaults)
         self.gpu_budget = gpu_budget
         self.page_size = page_size
         self.max_grad_norm = max_grad_norm
@@ -454,10 +471,15 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         self._plans: dict[tuple, _Plan] = {}
         self._active_plan: _Plan | None = None
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            fill_missing_flags(group)
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_group(group, len(self.param_groups) - 1)
+        check_group(group, len(self.param_groups) - 1)
         for p in group["params"]:
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"PagedAdamW32bit updates float32, bfloat16 and float16 parameters, got {p.dtype}")
@@ -475,8 +497,18 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 budget = self.gpu_budget
             else:  # no paging on the CPU unless a budget asks to simulate it
                 budget = None if self.gpu_budget == "auto" else self.gpu_budget
-            self._stores[device] = PagedStates(device, self.page_size // STATE_BYTES_PER_ELEMENT, budget)
+            self._stores[device] = PagedStates(device, self.page_size // STATE_BYTES_PER_ELEMENT, budget,
+                                               rows=self._state_rows())
         return self._stores[device]
+
+    def _state_rows(self) -> int:
+        return AMSGRAD_ROWS if any(group.get("amsgrad") for group in self.param_groups) else 2
+
+    def _grow_state_rows(self) -> None:
+        """A third row for max_exp_avg_sq once any group asks for amsgrad (added later or loaded)."""
+        rows = self._state_rows()
+        for store in self._stores.values():
+            store.add_rows(rows)
 
     def _range(self, p: torch.Tensor) -> tuple[PagedStates, int]:
         if p not in self._ranges:
@@ -488,7 +520,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         new = p not in self._ranges
         store, start = self._range(p)
         if not new:  # a parameter whose state was dropped (load_state_dict without it)
-            store.write(start, torch.zeros((2, p.numel()), dtype=torch.float32))
+            store.write(start, torch.zeros((store.rows, p.numel()), dtype=torch.float32))
         self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
         self._active_plan = None  # the step buffer must take this fresh tensor in
 
@@ -511,7 +543,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 loss = closure()
         work = []
         for gi, group in enumerate(self.param_groups):
-            _check_group(group, gi)
+            check_group(group, gi)
             for i, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -525,6 +557,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         for p, _, _ in work:
             if "step" not in self.state[p]:
                 self._init_state(p)
+        self._grow_state_rows()
 
         key = (tuple((id(p), g.dtype) for p, g, _ in work), os.environ.get("QLORA_BACKEND", ""))
         plan = self._plans.get(key)
@@ -537,10 +570,12 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             self._active_plan = plan
         plan.steps += 1
         hyper = torch.tensor(
-            [[g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"]] for g in self.param_groups],
+            [[g["lr"], g["betas"][0], g["betas"][1], g["eps"], g["weight_decay"], *group_flags(g)]
+             for g in self.param_groups],
             dtype=torch.float64,
         )[plan.group_index]
-        scalars = adamw_scalars(*hyper.unbind(1), plan.steps.to(torch.float64))
+        lr, beta1, beta2, eps, weight_decay, maximize, amsgrad = hyper.unbind(1)
+        scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, plan.steps.to(torch.float64), maximize, amsgrad)
         clip = None
         if self.max_grad_norm is not None:
             clip = grad_clip_factor([g for _, g, _ in work], self.max_grad_norm)
@@ -569,7 +604,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                     adamw_update_reference(
                         p.view(-1)[at:at + length], g.view(-1)[at:at + length],
                         data[0, offset:offset + length], data[1, offset:offset + length],
-                        rows[index], clip,
+                        rows[index], clip, data[2, offset:offset + length] if store.rows > 2 else None,
                     )
         return update
 
@@ -618,46 +653,55 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         state_dict = super().state_dict()
         index = self._param_index()
+        amsgrad = {id(p) for group in self.param_groups if group.get("amsgrad") for p in group["params"]}
         for p, (store, start) in self._ranges.items():
             i = index.get(id(p))
             if i is None or "step" not in state_dict["state"].get(i, {}):
                 continue
             entry = dict(state_dict["state"][i])
             entry["step"] = entry["step"].clone()
-            exp_avg, exp_avg_sq = store.read(start, p.numel())
-            entry["exp_avg"] = exp_avg.view(p.shape)
-            entry["exp_avg_sq"] = exp_avg_sq.view(p.shape)
+            states = store.read(start, p.numel())
+            entry["exp_avg"] = states[0].view(p.shape)
+            entry["exp_avg_sq"] = states[1].view(p.shape)
+            # torch keeps max_exp_avg_sq for the parameters of amsgrad groups (the row exists once a
+            # step has run with amsgrad on)
+            if id(p) in amsgrad and states.shape[0] > 2:
+                entry["max_exp_avg_sq"] = states[2].view(p.shape)
             state_dict["state"][i] = entry
         return state_dict
 
     def load_state_dict(self, state_dict: dict) -> None:
-        for gi, group in enumerate(state_dict["param_groups"]):
-            _check_group(group, gi)
-        moments, stripped = {}, {}
+        saved_groups = adopt_implementation_flags(state_dict["param_groups"], self.defaults)
+        for gi, group in enumerate(saved_groups):
+            check_group(group, gi)
+        moments, maxima, stripped = {}, {}, {}
         for i, entry in state_dict["state"].items():
             entry = dict(entry)
             moments[i] = (entry.pop("exp_avg", None), entry.pop("exp_avg_sq", None))
-            entry.pop("max_exp_avg_sq", None)
+            maxima[i] = entry.pop("max_exp_avg_sq", None)
             stripped[i] = entry
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
+        id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
-        super().load_state_dict({"state": stripped, "param_groups": state_dict["param_groups"]})
+        super().load_state_dict({"state": stripped, "param_groups": saved_groups})
         self._plans.clear()
         self._active_plan = None
+        self._grow_state_rows()
         for i, (exp_avg, exp_avg_sq) in moments.items():
             p = id_map[i]
             state = self.state[p]
             if exp_avg is None or exp_avg_sq is None or "step" not in state:
                 raise ValueError(f"state of parameter {i} needs step, exp_avg and exp_avg_sq")
-            if exp_avg.numel() != p.numel() or exp_avg_sq.numel() != p.numel():
-                raise ValueError(f"state of parameter {i} has {exp_avg.numel()} values for a parameter of {p.numel()}")
+            for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", maxima[i])):
+                if tensor is not None and tensor.numel() != p.numel():
+                    raise ValueError(f"state of parameter {i}: {name} has {tensor.numel()} values for a parameter "
+                                     f"of {p.numel()}")
             # Bias correction is computed on the host: keep step a CPU float32 scalar (one sync, here).
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
             store, start = self._range(p)
-            store.write(start, torch.stack([exp_avg.detach().reshape(-1).to("cpu", torch.float32),
-                                            exp_avg_sq.detach().reshape(-1).to("cpu", torch.float32)]))
-        for gi, group in enumerate(self.param_groups):
-            _check_group(group, gi)
+            rows = [exp_avg, exp_avg_sq]
+            if store.rows > 2:  # amsgrad: the saved maximum, or zeros (torch starts it at zero)
+                rows.append(maxima[i] if maxima[i] is not None else torch.zeros(p.numel()))
+            store.write(start, torch.stack([t.detach().reshape(-1).to("cpu", torch.float32) for t in rows]))
 
 
 __all__ = ["PagedAdamW32bit", "PagedStates"]

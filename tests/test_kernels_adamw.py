@@ -10,7 +10,7 @@ SHAPES = [(1,), (5,), (adamw.CHUNK - 1,), (adamw.CHUNK,), (adamw.CHUNK + 1,), (3
 ULP = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
 
-def _scalars(n, seed, weight_decay=0.1):
+def _scalars(n, seed, weight_decay=0.1, maximize=None, amsgrad=None):
     g = torch.Generator().manual_seed(seed)
     f64 = dict(dtype=torch.float64)
     lr = torch.rand(n, generator=g, **f64) * 1e-2
@@ -19,7 +19,7 @@ def _scalars(n, seed, weight_decay=0.1):
     eps = torch.full((n,), 1e-8, **f64)
     wd = torch.full((n,), weight_decay, **f64)
     step = torch.randint(1, 50, (n,), generator=g).to(torch.float64)
-    return adamw.adamw_scalars(lr, beta1, beta2, eps, wd, step)
+    return adamw.adamw_scalars(lr, beta1, beta2, eps, wd, step, maximize, amsgrad)
 
 
 def _tensors(shapes, param_dtype, grad_dtype, seed):
@@ -75,6 +75,33 @@ def test_fused_update_matches_reference(param_dtype, grad_dtype, clip):
     _assert_states_close(tensors[2] + tensors[3], expected[2] + expected[3])
     # Every tensor's state moved (a kernel that skipped tensors would fail here).
     assert all(not torch.equal(m, b) for m, b in zip(tensors[2], before))
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
+def test_amsgrad_and_maximize_per_tensor_match_reference(param_dtype):
+    # Every mix in one launch: plain, maximize, amsgrad, both. Non-amsgrad tensors have no
+    # max_exp_avg_sq at all (their page-table column is 0): the kernel must not touch it.
+    n = len(SHAPES)
+    tensors = _tensors(SHAPES, param_dtype, torch.float32, seed=11)
+    g = torch.Generator().manual_seed(12)
+    maximize = torch.tensor([0.0, 1.0, 0.0, 1.0] * n, dtype=torch.float64)[:n]
+    amsgrad = torch.tensor([0.0, 0.0, 1.0, 1.0] * n, dtype=torch.float64)[:n]
+    # Maxima above and below exp_avg_sq, so both sides of the maximum are taken.
+    maxima = [(0.02 * torch.rand(s, generator=g)).to(DEVICE) if a else None for s, a in zip(SHAPES, amsgrad)]
+    expected = _clone(tensors)
+    expected_maxima = [None if m is None else m.clone() for m in maxima]
+    scalars = _scalars(n, seed=13, maximize=maximize, amsgrad=amsgrad)
+    assert scalars[:, 7].tolist() == [-1.0 if m else 1.0 for m in maximize.tolist()]
+    adamw.fused_adamw_(*tensors, scalars, None, maxima)
+    adamw.adamw_step_reference(*expected, scalars.to(torch.float32), None, expected_maxima)
+    _assert_params_close(tensors[0], expected[0], param_dtype)
+    _assert_states_close(tensors[2] + tensors[3] + [m for m in maxima if m is not None],
+                         expected[2] + expected[3] + [m for m in expected_maxima if m is not None])
+    for i, m in enumerate(maxima):
+        if m is not None:  # the running maximum really is max(old, new exp_avg_sq)
+            assert torch.all(m >= tensors[3][i])
+    with pytest.raises(ValueError, match="tensor 2: amsgrad needs its max_exp_avg_sq"):
+        adamw.fused_adamw_(*tensors, scalars)
 
 
 def test_one_launch_updates_many_tensors(monkeypatch):
@@ -149,7 +176,7 @@ def test_paged_layout_poisoned_neighbours_and_each_chunk_once(param_dtype):
     page_rows = []
     for k in range(n_pages):
         offset = (arena[physical[k]].data_ptr() - state_base.data_ptr()) // 4
-        page_rows.append([offset, offset + page_numel])
+        page_rows.append([offset, offset + page_numel, 0])  # no amsgrad: the third column is never read
     rows, param_align, grad_align = adamw.tensor_rows(params, grads)
     chunks = adamw.make_chunks(range(n), numels, starts, page_numel).to(DEVICE)
     scalars = _scalars(n, seed=8)
@@ -250,8 +277,9 @@ def test_kernel_compiles_for_h100_with_16_byte_memory_ops(param_dtype, param_ali
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr[-3000:]
     counts = {name: int(n) for name, n in (line.split() for line in out.stdout.splitlines())}
-    # 2048 elements over 128 threads: 16 per thread; param vectors, then grad, exp_avg, exp_avg_sq.
-    assert counts["ld.global.v4"] >= param_vectors + 3 * 4
-    assert counts["st.global.v4"] >= param_vectors + 2 * 4
+    # 2048 elements over 128 threads: 16 per thread; param vectors, then grad, exp_avg, exp_avg_sq and
+    # (in the amsgrad branch) max_exp_avg_sq.
+    assert counts["ld.global.v4"] >= param_vectors + 4 * 4
+    assert counts["st.global.v4"] >= param_vectors + 3 * 4
     assert counts["div.rn.f32"] > 0 and counts["sqrt.rn.f32"] > 0
     assert counts["div.full.f32"] == 0 and counts["sqrt.approx"] == 0

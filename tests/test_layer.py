@@ -241,12 +241,17 @@ def test_merge_reports_error_and_unmerge_restores_bytes():
     merged_out = layer(x)
     torch.testing.assert_close(merged_out, F.linear(x, layer.nf4_weight.dequantize(torch.float32), layer.bias))
     assert (merged_out - adapted).abs().max() < 3 * report["max_abs_error"] * x.abs().sum(1).max()
-    with pytest.raises(RuntimeError, match="already merged"):
-        layer.merge()
+    merged_bytes = layer.weight.clone()
+    with pytest.warns(UserWarning, match="already merged, nothing to do"):
+        assert layer.merge() == report  # PEFT: a second merge warns and changes nothing
+    assert torch.equal(layer.weight, merged_bytes)
     layer.unmerge()
     for key, value in layer.state_dict().items():
         assert torch.equal(value, original[key]), key
     torch.testing.assert_close(layer(x), adapted)
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        layer.unmerge()
+    assert torch.equal(layer.weight, original["weight"])
 
 
 def test_merged_linear_matches_adapted_layer_even_when_merged():
@@ -312,3 +317,67 @@ def test_torch_compile_fullgraph_forward_and_backward():
     upstream = torch.randn_like(eager_out)
     for got, want in zip(grads(compiled_out, upstream, *params), grads(eager_out, upstream, *params)):
         torch.testing.assert_close(got, want)
+
+
+def test_disable_adapter_on_a_merged_layer_runs_the_original_base_then_merges_back():
+    layer = make_layer()
+    x = torch.randn(4, IN)
+    base = F.linear(x, layer.nf4_weight.dequantize(torch.float32), layer.bias)
+    report = layer.merge()
+    merged_bytes, merged_out = layer.weight.clone(), layer(x)
+    with layer.disable_adapter():
+        assert not layer.merged
+        torch.testing.assert_close(layer(x), base)  # the original bytes, no adapter
+    assert layer.merged and torch.equal(layer.weight, merged_bytes)
+    torch.testing.assert_close(layer(x), merged_out)
+    layer.unmerge()  # still restores the original bytes afterwards
+    torch.testing.assert_close(layer.merge(), report)
+
+
+# ---- the meta device ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_meta_layer_has_the_real_layout_and_loads_by_assignment(double_quant):
+    source = QuantLoRALinear(IN, OUT, r=R, compute_dtype=torch.float32, double_quant=double_quant)
+    nn.init.normal_(source.lora_B.weight)
+    layer = QuantLoRALinear(IN, OUT, r=R, compute_dtype=torch.float32, double_quant=double_quant, device="meta")
+    with torch.device("meta"):  # how accelerate's init_empty_weights builds a model
+        in_context = QuantLoRALinear(IN, OUT, r=R, compute_dtype=torch.float32, double_quant=double_quant)
+    real = source.state_dict()
+    blob = "weight.quant_state.bitsandbytes__nf4"  # a JSON blob whose length depends on the values
+    for meta in (layer, in_context):
+        state = meta.state_dict()
+        assert all(t.is_meta for t in state.values())
+        assert set(state) == set(real)
+        assert {k: (t.shape, t.dtype) for k, t in state.items() if k != blob} == \
+            {k: (t.shape, t.dtype) for k, t in real.items() if k != blob}
+    layer.load_state_dict(real, assign=True)
+    assert not any(t.is_meta for t in list(layer.parameters()) + list(layer.buffers()))
+    x = torch.randn(3, IN)
+    assert torch.equal(layer(x), source(x))
+
+
+def test_meta_layer_to_empty_then_load_or_reset_parameters():
+    source = make_layer()
+    x = torch.randn(3, IN)
+    layer = QuantLoRALinear(IN, OUT, r=R, alpha=16, compute_dtype=torch.float32, device="meta").to_empty(device="cpu")
+    layer.load_state_dict(source.state_dict())
+    assert torch.equal(layer(x), source(x))
+    fresh = QuantLoRALinear(IN, OUT, r=R, compute_dtype=torch.float32, device="meta").to_empty(device="cpu")
+    with torch.no_grad():  # what to_empty may leave behind: poison, so anything not re-initialised shows
+        for t in list(fresh.parameters()) + list(fresh.buffers()):
+            t.fill_(float("nan") if t.is_floating_point() else 0xAB)
+    fresh.reset_parameters()
+    bound = 1 / math.sqrt(IN)  # nn.Linear's (and PEFT's A's) kaiming_uniform(a=sqrt 5) bound
+    w = fresh.nf4_weight.dequantize(torch.float32)
+    assert torch.isfinite(w).all() and w.abs().max() <= bound and w.std() > 0.4 * bound
+    assert fresh.bias.abs().max() <= bound and fresh.bias.std() > 0.3 * bound
+    assert 0.9 * bound < fresh.lora_A.weight.abs().max() <= bound
+    assert torch.count_nonzero(fresh.lora_B.weight) == 0
+    torch.testing.assert_close(fresh(x), F.linear(x, w, fresh.bias))
+
+
+def test_quantize_nf4_on_meta_is_a_one_line_error():
+    with pytest.raises(ValueError, match=r"^w: shape \[4, 64\] is on the meta device") as err:
+        quantize_nf4(torch.empty(4, 64, device="meta"), name="w")
+    assert "\n" not in str(err.value)

@@ -370,8 +370,9 @@ def test_bad_group_values_and_later_changes_are_caught():
     _set_grads(params, 1)
     with pytest.raises(ValueError, match="lr.*inf"):
         opt.step()
-    torch_state = torch.optim.AdamW(_params(), amsgrad=True).state_dict()
-    with pytest.raises(ValueError, match="amsgrad"):
+    torch_state = torch.optim.AdamW(_params(), maximize=True).state_dict()
+    torch_state["param_groups"][0]["decoupled_weight_decay"] = False  # Adam's, not AdamW's
+    with pytest.raises(ValueError, match=r"decoupled weight decay.*param group 0"):
         PagedAdamW32bit(_params(), page_size=PAGE).load_state_dict(torch_state)
 
 
@@ -388,3 +389,97 @@ def test_unsupported_parameters_are_refused():
         PagedAdamW32bit([torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))], page_size=PAGE)
     with pytest.raises(ValueError, match="contiguous"):
         PagedAdamW32bit([torch.nn.Parameter(torch.zeros(3, 4).t())], page_size=PAGE)
+
+
+# ---- torch.optim.AdamW's options ---------------------------------------------------------------------
+
+def test_signature_and_defaults_are_torch_adamw():
+    import inspect
+
+    theirs = inspect.signature(torch.optim.AdamW).parameters
+    ours = inspect.signature(PagedAdamW32bit).parameters
+    assert list(ours)[:len(theirs)] == list(theirs)
+    for name, parameter in theirs.items():
+        assert (ours[name].kind, ours[name].default) == (parameter.kind, parameter.default), name
+    params = _params()
+    # What transformers' optimizer factories pass, torch's own values included.
+    opt = PagedAdamW32bit(params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, amsgrad=False,
+                          maximize=False, foreach=None, capturable=False, differentiable=False, fused=None,
+                          page_size=PAGE)
+    assert opt.param_groups[0].keys() - {"params"} == torch.optim.AdamW(_params()).param_groups[0].keys() - {"params"}
+    assert (opt.defaults["lr"], opt.defaults["weight_decay"]) == (1e-3, 1e-2)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"capturable": True}, "capturable=True.*CUDA graph"),
+    ({"differentiable": True}, "differentiable=True.*autograd"),
+    ({"amsgrad": "yes"}, "amsgrad must be True or False"),
+])
+def test_what_cannot_work_is_refused_with_the_reason(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PagedAdamW32bit(_params(), page_size=PAGE, **kwargs)
+    with pytest.raises(ValueError, match=r"\(param group 1\)"):
+        PagedAdamW32bit([{"params": _params()[:2]}, {"params": _params()[2:4], **kwargs}], page_size=PAGE)
+
+
+def test_amsgrad_and_maximize_per_group_in_one_launch_follow_torch_adamw(monkeypatch):
+    # The fused kernel (interpreted) on every mix of the two flags at once: one launch, per-tensor
+    # flags. (The reference path is checked config by config in tests/conformance/test_torch_adamw.py.)
+    monkeypatch.setenv("QLORA_BACKEND", "triton")
+    ours, theirs = _params(), _params()
+
+    def groups(ps):
+        return [{"params": ps[:2], "amsgrad": True}, {"params": ps[2:4], "maximize": True},
+                {"params": ps[4:6], "amsgrad": True, "maximize": True}, {"params": ps[6:]}]
+
+    opt = PagedAdamW32bit(groups(ours), lr=1e-2, weight_decay=0.1, page_size=PAGE)
+    ref = torch.optim.AdamW(groups(theirs), lr=1e-2, weight_decay=0.1)
+    for step in range(1, 7):
+        # Gradients shrinking over time: exp_avg_sq falls below its running maximum, so amsgrad matters.
+        _set_grads(ours, step, scale=1.0 / step)
+        _set_grads(theirs, step, scale=1.0 / step)
+        opt.step()
+        ref.step()
+    _assert_params_rel(ours, theirs)
+    saved, expected = opt.state_dict()["state"], ref.state_dict()["state"]
+    for i, entry in expected.items():
+        assert sorted(saved[i]) == sorted(entry), i  # max_exp_avg_sq exactly where torch keeps it
+        for key in entry:
+            _assert_rel(saved[i][key], entry[key], 1e-6)
+    assert any(not torch.equal(e["max_exp_avg_sq"], e["exp_avg_sq"]) for e in expected.values() if "max_exp_avg_sq" in e)
+
+
+def test_amsgrad_group_added_later_grows_the_pages_and_keeps_the_states():
+    ours, theirs = _params(), _params()
+    opt = PagedAdamW32bit(ours[:5], lr=1e-2, gpu_budget=3 * PAGE, page_size=PAGE)
+    ref = torch.optim.AdamW(theirs[:5], lr=1e-2)
+    for step in range(1, 6):
+        _step_both(opt, ref, ours, theirs, step)
+    store = opt.store("cpu")
+    assert store.rows == 2 and any(p.device_data is None for p in store.pages)
+    opt.param_groups[0]["amsgrad"] = True  # no step has made the row yet: no max_exp_avg_sq to report
+    assert all("max_exp_avg_sq" not in entry for entry in opt.state_dict()["state"].values())
+    opt.param_groups[0]["amsgrad"] = False
+    opt.add_param_group({"params": ours[5:], "amsgrad": True})
+    ref.add_param_group({"params": theirs[5:], "amsgrad": True})
+    for step in range(6, 16):
+        _step_both(opt, ref, ours, theirs, step)
+    assert store.rows == 3 and store.device_bytes <= 3 * PAGE
+    _assert_params_rel(ours, theirs)
+
+
+def test_torch_state_dicts_with_implementation_flags_or_missing_keys_load():
+    theirs = _params()
+    ref = torch.optim.AdamW(theirs, lr=1e-2, amsgrad=True, foreach=True)
+    _run(ref, theirs, 3)
+    saved = ref.state_dict()
+    saved["param_groups"][0]["capturable"] = True  # how that run was computed, not what it computed
+    del saved["param_groups"][0]["maximize"]       # an older torch's dict
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in theirs]
+    opt = PagedAdamW32bit(ours, page_size=PAGE)
+    opt.load_state_dict(saved)
+    group = opt.param_groups[0]
+    assert (group["capturable"], group["foreach"], group["maximize"], group["amsgrad"]) == (False, None, False, True)
+    _run(opt, ours, 3, first=4)
+    _run(ref, theirs, 3, first=4)
+    _assert_params_rel(ours, theirs)
