@@ -38,7 +38,8 @@ def _as_nf4(packed, absmax, quant_map, nested_absmax, nested_code, offset, layou
                      offset=offset, nested_blocksize=nested_blocksize, quant_type=quant_type)
 
 
-def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, blocksize: int, double_quant: bool) -> NF4Weight:
+def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, blocksize: int, double_quant: bool,
+              quant_type: str = "nf4") -> NF4Weight:
     """An NF4Weight on the meta device: every part with its shape and dtype, no values (nothing to quantise)."""
     check_blocksize(blocksize)
     numel = math.prod(shape)
@@ -47,7 +48,7 @@ def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, blocksize: int, double
     fields = dict(packed=torch.empty(((numel + 1) // 2, 1), dtype=torch.uint8, **meta),
                   absmax=torch.empty(n_blocks, dtype=torch.uint8 if double_quant else torch.float32, **meta),
                   quant_map=torch.empty(16, dtype=torch.float32, **meta), shape=shape, dtype=dtype,
-                  blocksize=blocksize)
+                  blocksize=blocksize, quant_type=quant_type)
     if double_quant:
         fields.update(nested_absmax=torch.empty(-(-n_blocks // NESTED_BLOCKSIZE), dtype=torch.float32, **meta),
                       nested_code=torch.empty(256, dtype=torch.float32, **meta),
@@ -56,13 +57,13 @@ def _meta_nf4(shape: tuple[int, int], dtype: torch.dtype, blocksize: int, double
 
 
 def _initial_weight(out_features: int, in_features: int, dtype: torch.dtype, blocksize: int, double_quant: bool,
-                    device) -> NF4Weight:
+                    device, quant_type: str = "nf4") -> NF4Weight:
     """nn.Linear's initialisation, quantised (on the meta device: the layout alone)."""
     init = torch.empty(out_features, in_features, dtype=dtype, device=device)
     if init.is_meta:  # device="meta" or a `with torch.device("meta")` block
-        return _meta_nf4((out_features, in_features), dtype, blocksize, double_quant)
+        return _meta_nf4((out_features, in_features), dtype, blocksize, double_quant, quant_type)
     nn.init.kaiming_uniform_(init, a=math.sqrt(5))
-    return quantize_nf4(init, blocksize, double_quant)
+    return quantize_nf4(init, blocksize, double_quant, quant_type=quant_type)
 
 
 def _init_bias_(bias: torch.Tensor, in_features: int) -> None:
@@ -179,7 +180,7 @@ class QuantLoRALinear(nn.Module):
         """A fresh layer's values on the layer's device (after to_empty() from the meta device):
         nn.Linear's initialisation quantised, the bias likewise, A Kaiming-uniform and B zeros."""
         weight = _initial_weight(self.out_features, self.in_features, self.weight_dtype, self.blocksize,
-                                 self.double_quant, self.weight.device)
+                                 self.double_quant, self.weight.device, self.quant_type)
         self._set_weight(weight)
         self.merged, self._original_weight, self._merge_report = False, None, None
         if self.bias is not None:

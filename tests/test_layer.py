@@ -377,6 +377,13 @@ def test_meta_layer_to_empty_then_load_or_reset_parameters():
     torch.testing.assert_close(fresh(x), F.linear(x, w, fresh.bias))
 
 
+def test_reset_parameters_keeps_the_quant_type_and_layout():
+    fp4 = QuantLoRALinear.from_nf4(quantize_nf4(torch.randn(OUT, IN), 128, False, quant_type="fp4"), r=R)
+    fp4.reset_parameters()
+    assert (fp4.quant_type, fp4.blocksize, fp4.double_quant) == ("fp4", 128, False)
+    assert "weight.quant_state.bitsandbytes__fp4" in fp4.state_dict()
+
+
 def test_quantize_nf4_on_meta_is_a_one_line_error():
     with pytest.raises(ValueError, match=r"^w: shape \[4, 64\] is on the meta device") as err:
         quantize_nf4(torch.empty(4, 64, device="meta"), name="w")
