@@ -25,6 +25,11 @@ from torch.utils.checkpoint import checkpoint
 LLAMA_FAMILY = ("llama", "mistral")
 
 
+# Sizes the model is built from: each must be a positive integer when given.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
 class ConfigError(ValueError):
     """A config.json that does not describe a Llama-family model this module can build."""
 
@@ -79,6 +84,12 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: rope scaling {kind!r} is not supported (llama3, linear)")
         if raw.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ConfigError(f"{source}: hidden_act {raw.get('hidden_act')!r} is not supported (silu)")
+        for name in SIZE_FIELDS:  # a wrong type or a size of 0 would fail later, far from the config
+            value = raw.get(name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+        if not isinstance(raw.get("tie_word_embeddings", False), bool):
+            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {raw['tie_word_embeddings']!r}")
         names = {f.name for f in fields(cls)} - {"extra"}
         try:
             config = cls(**{k: v for k, v in raw.items() if k in names and v is not None},
