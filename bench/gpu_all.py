@@ -1,6 +1,6 @@
 """Measure the whole stack on one GPU in one command, within a hard time budget (issue 13).
 
-    python bench/gpu_all.py OUTDIR [--budget 540] [--smoke]
+    python bench/gpu_all.py OUTDIR [--budget 540] [--smoke] [--only kernels,e2e,...]
 
 In order, each step in its own try/except so that one failure loses nothing else: the environment header
 (device, driver, versions, measured copy bandwidth and bf16 matmul rate); a correctness pass (NF4 bytes and
@@ -313,11 +313,18 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="folder for summary.md, summary.json, tables.md, log.txt, ...")
     parser.add_argument("--budget", type=float, default=540, help="seconds before the watchdog stops the run")
     parser.add_argument("--smoke", action="store_true", help="every step on the CPU with tiny shapes")
+    parser.add_argument("--only", help="comma-separated steps to run (a second run after a partial one): "
+                                       + ",".join(name for name, _, _ in STEPS))
     args = parser.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",")] if args.only else [name for name, _, _ in STEPS]
+    unknown = sorted(set(only) - {name for name, _, _ in STEPS})
+    if unknown:
+        parser.error(f"--only: unknown steps {unknown}")
     if not args.smoke and not torch.cuda.is_available():
         print("bench/gpu_all.py: no CUDA device here; run it on the GPU machine, or --smoke for the CPU check")
         return 0
     run = Run(args.out, args.smoke, args.budget)
+    run.status = {name: "not reached" if name in only else "skipped (--only)" for name, _, _ in STEPS}
     if args.smoke:
         (args.out / "smoke-config.json").write_text(json.dumps(SMOKE_CONFIG))
     watchdog = threading.Timer(args.budget, run.stop, (f"the {args.budget:.0f} s budget ran out", 124))
@@ -326,6 +333,8 @@ def main(argv=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda n, _f: run.stop(f"signal {signal.Signals(n).name}", 128 + n))
     for name, measure, _ in STEPS:
+        if name not in only:
+            continue
         run.status[name] = "running"
         run.log(f"== {name} ({run.left():.0f} s left)")
         started = time.monotonic()

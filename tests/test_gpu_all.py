@@ -59,13 +59,14 @@ def test_smoke_runs_every_step_and_lists_every_target(tmp_path):
 
 def test_watchdog_writes_what_it_has_and_stops(tmp_path):
     started = time.monotonic()
-    proc = start(tmp_path / "out", "--budget", "4")
+    proc = start(tmp_path / "out", "--budget", "4", "--only", "environment,e2e,bench-memory")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 124, output[-3000:]
     record = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert record["stopped"] == "the 4 s budget ran out"
     stopped = [s for s, status in record["status"].items() if status.startswith("stopped:")]
-    assert len(stopped) == 1
+    assert len(stopped) == 1 and stopped[0] in ("environment", "e2e", "bench-memory")
+    assert record["status"]["correctness"] == record["status"]["kernels"] == "skipped (--only)"
     # The steps after it are listed as not reached, their targets too.
     assert record["rows"][-1]["verdict"] == "not measured (not reached)"
     assert "Stopped early: the 4 s budget ran out" in (tmp_path / "out" / "summary.md").read_text()
