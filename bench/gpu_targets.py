@@ -129,7 +129,11 @@ def _gb(n) -> str:
 
 
 def e2e_rows(results: dict, reason: str) -> list[dict]:
-    """bench/e2e.py's children: results keyed "7b-qlora", "7b-hf", "65b-qlora-fp32", "65b-qlora-bf16"."""
+    """bench/e2e.py's children: results keyed "7b-qlora", "7b-hf", "65b-qlora-fp32", "65b-qlora-bf16"; device
+    memory in use less "parent_in_use_bytes" (what bench/gpu_all.py itself held on the device meanwhile)."""
+    parent = results.get("parent_in_use_bytes") or 0
+    results = {key: ({**r, "device_in_use_bytes": r["device_in_use_bytes"] - parent}
+                     if isinstance(r, dict) and r.get("device_in_use_bytes") else r) for key, r in results.items()}
     ours, theirs = results.get("7b-qlora") or {}, results.get("7b-hf") or {}
     why = ours.get("error") or theirs.get("error") or reason
     speed = (ours["tokens_per_second"] / theirs["tokens_per_second"]
