@@ -70,7 +70,6 @@ def install_wheels() -> str:
 
 
 sys.path.insert(0, str(ROOT))
-WHEELS = install_wheels() if "--smoke" not in sys.argv else "smoke run: no install"
 
 import torch  # noqa: E402
 
@@ -86,14 +85,14 @@ SMOKE_CONFIG = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 1
 class Run:
     """The run's state: its output folder, the summary rows, the log, the child running now, the deadline."""
 
-    def __init__(self, out: Path, smoke: bool, budget: float):
+    def __init__(self, out: Path, smoke: bool, budget: float, wheels: str = ""):
         self.out, self.smoke, self.budget = out, smoke, budget
         self.device = torch.device("cpu" if smoke else "cuda")
         self.start = STARTED
         self.data: dict = {}     # step -> what it measured (set as it goes, so a stopped step keeps its part)
         self.status: dict = {}   # step -> "ok", "running", "error: ...", "not reached", ...
         self.seconds: dict = {}
-        self.env: dict = {"wheels": WHEELS}
+        self.env: dict = {"wheels": wheels}
         self.child: subprocess.Popen | None = None
         self.lock = threading.RLock()
         self.finished = False
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         print("bench/gpu_all.py: no CUDA device here; run it on the GPU machine, or --smoke for the CPU check")
         return 0
-    run = Run(args.out, args.smoke, args.budget)
+    run = Run(args.out, args.smoke, args.budget, "smoke run: no install" if args.smoke else install_wheels())
     run.status = {name: "not reached" if name in only else "skipped (--only)" for name, _, _ in STEPS}
     if args.smoke:
         (args.out / "smoke-config.json").write_text(json.dumps(SMOKE_CONFIG))

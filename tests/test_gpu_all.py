@@ -88,6 +88,28 @@ def test_a_signal_stops_the_run_the_same_way(tmp_path, signum):
     assert record["stopped"] == f"signal {signal.Signals(signum).name}"
 
 
+def test_a_child_gets_at_most_its_cap_and_is_killed_with_its_children(tmp_path):
+    import gpu_all
+
+    run = gpu_all.Run(tmp_path / "out", smoke=False, budget=600)
+    code, output = run.run_child([sys.executable, "-c", "print('hello')"], cap=30)
+    assert (code, output.strip()) == (0, "hello")
+    # A child that outlives its cap is killed, its own children too (the whole process group).
+    marker = tmp_path / "grandchild-alive"
+    grandchild = tmp_path / "grandchild.py"
+    grandchild.write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w')\n")
+    child = tmp_path / "child.py"
+    child.write_text(f"import subprocess, sys, time\nsubprocess.Popen([sys.executable, {str(grandchild)!r}])\n"
+                     "time.sleep(60)\n")
+    started = time.monotonic()
+    code, output = run.run_child([sys.executable, str(child)], cap=2)
+    assert code == 124 and "[stopped after 2 s]" in output
+    assert time.monotonic() - started < 20
+    time.sleep(4)
+    assert not marker.exists()
+    assert "$ " in (tmp_path / "out" / "log.txt").read_text()
+
+
 KERNELS_OUTPUT = """## NF4 kernels: NVIDIA H200
 
 | shape [out, in] | measurement | qlora us | baseline | ratio | bnb us | target | check |
