@@ -25,13 +25,31 @@ from torch.utils.checkpoint import checkpoint
 LLAMA_FAMILY = ("llama", "mistral")
 
 
+class ConfigError(ValueError):
+    """A config.json that does not describe a Llama-family model this module can build."""
+
+
 # Sizes the model is built from: each must be a positive integer when given.
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
-class ConfigError(ValueError):
-    """A config.json that does not describe a Llama-family model this module can build."""
+def check_field_types(raw: dict, source: str) -> None:
+    """ConfigError naming the field for a value of the wrong type or range, which would otherwise fail later
+    (a division by zero heads, a negative size) or be silently wrong (a string "false" is true)."""
+    for name in SIZE_FIELDS:
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if raw.get(name) is not None and not isinstance(raw[name], bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {raw[name]!r}")
+    if raw.get("rope_scaling") is not None and not isinstance(raw["rope_scaling"], dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {raw['rope_scaling']!r}")
 
 
 @dataclass
@@ -77,6 +95,7 @@ class LlamaConfig:
             raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
                 raw["rope_scaling"] = rope
+        check_field_types(raw, source)
         scaling = raw.get("rope_scaling")
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
@@ -84,12 +103,6 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: rope scaling {kind!r} is not supported (llama3, linear)")
         if raw.get("hidden_act", "silu") not in ("silu", "swish"):
             raise ConfigError(f"{source}: hidden_act {raw.get('hidden_act')!r} is not supported (silu)")
-        for name in SIZE_FIELDS:  # a wrong type or a size of 0 would fail later, far from the config
-            value = raw.get(name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
-        if not isinstance(raw.get("tie_word_embeddings", False), bool):
-            raise ConfigError(f"{source}: tie_word_embeddings must be true or false, got {raw['tie_word_embeddings']!r}")
         names = {f.name for f in fields(cls)} - {"extra"}
         try:
             config = cls(**{k: v for k, v in raw.items() if k in names and v is not None},

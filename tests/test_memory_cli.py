@@ -2,9 +2,9 @@
 
 | case | expected |
 |---|---|
-| config.json size field of the wrong type (string, float, bool) | names the file and the field |
+| config.json size field of the wrong type (string, float, bool, list) | names the file and the field |
 | zero attention heads, negative hidden size | names the file and the field |
-| tie_word_embeddings not a boolean | names the file and the field |
+| tie_word_embeddings not a boolean, rope_scaling not an object, rms_norm_eps a string | names the file and the field |
 | --json / --png a folder, or in a missing folder | names the option and the path; nothing computed |
 | --measure --device cuda without CUDA, --device bogus | says so |
 | --dropout nan or >= 1, --world-size 0 | names the option |
@@ -37,6 +37,8 @@ def one_line_error(capsys, argv) -> str:
     ("hidden_size", -64, "hidden_size must be a positive integer, got -64"),
     ("vocab_size", [100], "vocab_size must be a positive integer, got [100]"),
     ("tie_word_embeddings", "yes", "tie_word_embeddings must be true or false, got 'yes'"),
+    ("rope_scaling", "linear", "rope_scaling must be an object, got 'linear'"),
+    ("rms_norm_eps", "1e-6", "rms_norm_eps must be a positive number, got '1e-6'"),
 ])
 def test_bad_config_fields(tmp_path, capsys, field, value, words):
     config = tmp_path / "config.json"
