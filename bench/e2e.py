@@ -34,6 +34,14 @@ from common import git_commit  # noqa: E402
 
 SEQ, BATCH, R, ALPHA, DROPOUT, LR, MAX_GRAD_NORM = 2048, 1, 64, 16, 0.05, 2e-4, 0.3
 GOAL_SPEEDUP, GOAL_MEMORY_RATIO, GOAL_65B_BYTES = 1.3, 0.8, 44e9
+# The 65B headline pages its optimizer states out (PagedAdamW32bit's smallest budget: two 16 MiB streaming
+# slots): with them resident it needs about 48 GB (bench-memory), paged about 41.7 GB, within 44 GB.
+# The 7B runs keep "auto" (everything resident when it fits), as bitsandbytes' paged optimizer does.
+PAGED_BUDGET = 2 * (16 << 20)
+
+
+def qlora_budget(preset: str) -> int | str:
+    return PAGED_BUDGET if preset == "llama-65b" else "auto"
 # REFERENCE section 7 (H100 80GB, transformers 5.17 + PEFT 0.21 + bitsandbytes 0.50.2).
 REFERENCE_HF = {"llama-7b": (2771, 10.7e9), "llama-65b": (526, 56.1e9)}
 
@@ -81,7 +89,7 @@ def _context_bytes(device: str) -> int | None:
 
 
 def run_qlora(preset: str, steps: int, bf16_adapters: bool, device: str = "cuda", seq: int = SEQ,
-              warmup: int = 2) -> dict:
+              warmup: int = 2, gpu_budget: int | str = "auto") -> dict:
     from qlora.memory import Shape, build_random_model
     from qlora.optim import PagedAdamW32bit
 
@@ -94,7 +102,7 @@ def run_qlora(preset: str, steps: int, bf16_adapters: bool, device: str = "cuda"
     build_seconds = time.perf_counter() - start
     model.train()
     optimizer = PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=LR,
-                                max_grad_norm=MAX_GRAD_NORM, gpu_budget="auto")
+                                max_grad_norm=MAX_GRAD_NORM, gpu_budget=gpu_budget)
     ids = torch.randint(0, config.vocab_size, (BATCH, seq), device=device)
     losses = []
 
@@ -108,7 +116,8 @@ def run_qlora(preset: str, steps: int, bf16_adapters: bool, device: str = "cuda"
     seconds = _timed_steps(step, warmup, steps, device)
     return {"stack": "qlora", "preset": preset, "tokens_per_second": steps * BATCH * seq / seconds,
             "step_seconds": seconds / steps, "build_seconds": build_seconds,
-            "final_loss": float(losses[-1]), "bf16_adapters": bf16_adapters, **_memory(context)}
+            "final_loss": float(losses[-1]), "bf16_adapters": bf16_adapters, "gpu_budget": gpu_budget,
+            **_memory(context)}
 
 
 def _hf_model(config, device: str = "cuda", quant_dtype=torch.bfloat16):
@@ -179,9 +188,11 @@ def run_hf(preset: str, steps: int, device: str = "cuda", seq: int = SEQ, warmup
             "build_seconds": build_seconds, "final_loss": float(losses[-1]), **_memory(context)}
 
 
-def child_command(stack: str, preset: str, steps: int, bf16_adapters: bool = False) -> list[str]:
+def child_command(stack: str, preset: str, steps: int, bf16_adapters: bool = False,
+                  gpu_budget: int | str = "auto") -> list[str]:
     """The command line of one stack's run in its own process (it prints one RESULT line)."""
-    cmd = [sys.executable, __file__, "--child", stack, "--preset", preset, "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--child", stack, "--preset", preset, "--steps", str(steps),
+           "--gpu-budget", str(gpu_budget)]
     return cmd + (["--bf16-adapters"] if bf16_adapters else [])
 
 
@@ -195,8 +206,8 @@ def read_result(stack: str, preset: str, returncode: int, stdout: str, stderr: s
 
 
 def _in_subprocess(stack: str, preset: str, steps: int, bf16_adapters: bool = False, timeout: int = 3600) -> dict:
-    proc = subprocess.run(child_command(stack, preset, steps, bf16_adapters), capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(child_command(stack, preset, steps, bf16_adapters, qlora_budget(preset)),
+                          capture_output=True, text=True, timeout=timeout)
     return read_result(stack, preset, proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -260,18 +271,21 @@ def main(argv=None) -> int:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="llama-7b", help=argparse.SUPPRESS)
     parser.add_argument("--bf16-adapters", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gpu-budget", default="auto", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
         print("bench/e2e.py: no CUDA device; nothing to measure (this benchmark needs an NVIDIA GPU)")
         return 0
     if args.child:
-        result = run_qlora(args.preset, args.steps, args.bf16_adapters) if args.child == "qlora" \
-            else run_hf(args.preset, args.steps)
+        budget = args.gpu_budget if args.gpu_budget == "auto" else int(args.gpu_budget)
+        result = run_qlora(args.preset, args.steps, args.bf16_adapters, gpu_budget=budget) \
+            if args.child == "qlora" else run_hf(args.preset, args.steps)
         print("RESULT " + json.dumps(result))
         return 0
 
-    from qlora.memory import Shape, predict
+    from qlora.memory_placement import Placement, place
+    from qlora.memory_predict import Shape
 
     runs = [("qlora", "llama-7b", False)]
     if not args.skip_hf:
@@ -293,7 +307,11 @@ def main(argv=None) -> int:
         if stack == "qlora":
             shape = Shape(seq=SEQ, batch=BATCH, grad_ckpt=True, r=R, dropout=DROPOUT, device="cuda",
                           adapter_bytes=2 if bf16_adapters else 4)
-            predictions[(preset, "qlora", bf16_adapters)] = sum(predict(_config(preset), "qlora", shape).values())
+            budget = qlora_budget(preset)
+            placement = Placement(gpu_budget=budget, gpu_memory=torch.cuda.get_device_properties(0).total_memory)
+            mode = "qlora" if budget == "auto" else "qlora-paged"
+            predictions[(preset, "qlora", bf16_adapters)] = place(_config(preset), mode, shape,
+                                                                  placement)["predicted_total_bytes"]
     text = markdown(results, predictions)
     Path(args.out).write_text(text)
     print(text)

@@ -253,6 +253,9 @@ def optim_step(run: Run) -> str:
 
 E2E_RUNS = [("7b-qlora", "qlora", "llama-7b", False), ("7b-hf", "hf", "llama-7b", False),
             ("65b-qlora-fp32", "qlora", "llama-65b", False), ("65b-qlora-bf16", "qlora", "llama-65b", True)]
+MEMORY_RUNS = [  # (shape, preset, bench-memory arguments, cap): the 65B one with its states paged out, as e2e runs it
+    ("7B", "llama-7b", ["--modes", "qlora"], 120),
+    ("65B", "llama-65b", ["--bf16-adapters", "--modes", "qlora-paged", "--gpu-budget", "32MiB"], 240)]
 E2E_CAPS = {"7b-qlora": 90, "7b-hf": 120, "65b-qlora-fp32": 150, "65b-qlora-bf16": 150}
 
 
@@ -264,15 +267,16 @@ def e2e_step(run: Run) -> str:
         free, total = torch.cuda.mem_get_info()
         results["parent_in_use_bytes"] = total - free
     for key, stack, preset, bf16_adapters in E2E_RUNS:
-        if run.smoke:  # the tiny model, on the CPU, in this process
+        budget = e2e.qlora_budget(preset)
+        if run.smoke:  # the tiny model, on the CPU, in this process (paging simulated where budgeted)
             preset = str(run.out / "smoke-config.json")
             try:
-                results[key] = (e2e.run_qlora(preset, 1, bf16_adapters, "cpu", 32, warmup=0) if stack == "qlora"
+                results[key] = (e2e.run_qlora(preset, 1, bf16_adapters, "cpu", 32, 0, budget) if stack == "qlora"
                                 else e2e.run_hf(preset, 1, "cpu", 32, warmup=0))
             except Exception as err:
                 results[key] = {"stack": stack, "preset": preset, "error": f"{type(err).__name__}: {err}"}
         else:
-            code, output = run.run_child(e2e.child_command(stack, preset, 3, bf16_adapters), E2E_CAPS[key])
+            code, output = run.run_child(e2e.child_command(stack, preset, 3, bf16_adapters, budget), E2E_CAPS[key])
             results[key] = e2e.read_result(stack, preset, code, output, output)
         run.log(f"e2e {key}: {json.dumps(results[key])}")
     errors = [key for key, r in results.items() if isinstance(r, dict) and "error" in r]
@@ -281,9 +285,9 @@ def e2e_step(run: Run) -> str:
 
 def memory_step(run: Run) -> str:
     results = run.data.setdefault("bench-memory", {})
-    for shape, preset, extra, cap in (("7B", "llama-7b", [], 120), ("65B", "llama-65b", ["--bf16-adapters"], 240)):
+    for shape, preset, extra, cap in MEMORY_RUNS:
         path = run.out / f"memory-{shape.lower()}.json"
-        argv = ["bench-memory", "--grad-ckpt", "--measure", "--modes", "qlora", "--json", str(path), *extra]
+        argv = ["bench-memory", "--grad-ckpt", "--measure", "--json", str(path), *extra]
         if run.smoke:
             from qlora.cli import main as qlora_main
 

@@ -146,7 +146,8 @@ def e2e_rows(results: dict, reason: str) -> list[dict]:
            row("e2e", "7B device memory in use over transformers + PEFT + bitsandbytes",
                _gb(ours.get("device_in_use_bytes")), _gb(theirs.get("device_in_use_bytes")), mem, "<= 0.8",
                why or "no device memory on the CPU")]
-    for key, label in (("65b-qlora-fp32", "fp32 adapters"), ("65b-qlora-bf16", "bf16 adapters")):
+    for key, label in (("65b-qlora-fp32", "fp32 adapters, states paged out"),
+                       ("65b-qlora-bf16", "bf16 adapters, states paged out")):
         r = results.get(key) or {}
         used = r.get("device_in_use_bytes")
         out.append(row("e2e", f"65B shape device memory in use, {label} (over 44 GB)", _gb(used), "44 GB limit",

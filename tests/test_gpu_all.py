@@ -41,7 +41,7 @@ def test_smoke_runs_every_step_and_lists_every_target(tmp_path):
         assert target in targets
     for words in ("over bf16 + LoRA", "over bnb + PEFT", "all resident, over torch fused", "25 % budget",
                   "7B training tokens/s", "7B device memory", "65B shape device memory in use, fp32",
-                  "65B shape device memory in use, bf16", "7B qlora: measured peak", "65B qlora: measured peak",
+                  "65B shape device memory in use, bf16", "7B qlora: measured peak", "65B qlora-paged: measured peak",
                   "NF4 packed bytes vs bitsandbytes", "nf4_linear_M16 vs float64", "grad_input_M64 vs float64"):
         assert any(words in t for t in targets), words
     by_target = {r["target"]: r for r in record["rows"]}
