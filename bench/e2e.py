@@ -11,7 +11,8 @@ lm_head, paged AdamW 32-bit (lr 2e-4), gradient clipping at 0.3. Each stack runs
 one's cached memory never counts against the other. Memory is the device memory in use after the timed
 steps (torch.cuda.mem_get_info: total - free), which sees bitsandbytes' managed-memory optimizer states;
 the allocator's peak is reported beside it. Goals (issue 6): qlora >= 1.3x the tokens/s and <= 0.8x the
-device memory of the HF stack; the 65B-shaped headline step within 44 GB of device memory in use.
+device memory of the HF stack; the 65B-shaped headline step within 44 GB of device memory in use (its
+optimizer states paged out: PAGED_BUDGET).
 
 Without CUDA it prints why and exits 0 (nothing to measure).
 """
