@@ -9,7 +9,7 @@ The parameters are the LoRA adapters of Llama-7B at r = 64 on all linears: per l
 (A [64, 4096], B [4096, 64]), gate, up (A [64, 4096], B [11008, 64]), down (A [64, 11008],
 B [4096, 64]); 32 layers, 448 float32 tensors, 160M values, 1.28 GB of states.
 
-    python bench/optim.py [--reps 30] [--out bench/RESULTS.md]
+    python bench/optim.py [--reps 30] [--out bench/RESULTS.md] [--json figures.json]
 
 Each step is timed alone with CUDA events (host time inside step() counts), after warm-up;
 the median is reported. Before timing, 3 steps of ours are checked against torch's AdamW on the
@@ -21,6 +21,7 @@ there is no CUDA device.
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -131,7 +132,9 @@ def run_case(name: str, make_opt, params, reps: int) -> dict:
 
 
 def main(argv=None) -> int:
-    args = arg_parser(__doc__, reps=30).parse_args(argv)
+    parser = arg_parser(__doc__, reps=30)
+    parser.add_argument("--json", type=Path, help="also write the two ratios and their figures here (bench/gpu_all.py)")
+    args = parser.parse_args(argv)
     if no_cuda("no CUDA device: bench/optim.py measures GPU step times; nothing to do"):
         return 0
 
@@ -221,6 +224,11 @@ def main(argv=None) -> int:
         "",
     ]
     emit("\n".join(lines), args.out)
+    if args.json:
+        args.json.write_text(json.dumps({
+            "fused_ms": fused_ms, "resident_ms": rows[2]["ms"], "resident_ratio": resident_ratio,
+            "paged_ms": rows[3]["ms"], "ideal_ms": ideal_ms, "paged_ratio": paged_ratio,
+            "paged_state_bytes_on_gpu": rows[3]["held"], "budget_bytes": budget, "check_max_rel_diff": worst}))
     return 0
 
 

@@ -29,6 +29,29 @@ class ConfigError(ValueError):
     """A config.json that does not describe a Llama-family model this module can build."""
 
 
+# Sizes the model is built from: each must be a positive integer when given.
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def check_field_types(raw: dict, source: str) -> None:
+    """ConfigError naming the field for a value of the wrong type or range, which would otherwise fail later
+    (a division by zero heads, a negative size) or be silently wrong (a string "false" is true)."""
+    for name in SIZE_FIELDS:
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ConfigError(f"{source}: {name} must be a positive integer, got {value!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = raw.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ConfigError(f"{source}: {name} must be a positive number, got {value!r}")
+    for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+        if raw.get(name) is not None and not isinstance(raw[name], bool):
+            raise ConfigError(f"{source}: {name} must be true or false, got {raw[name]!r}")
+    if raw.get("rope_scaling") is not None and not isinstance(raw["rope_scaling"], dict):
+        raise ConfigError(f"{source}: rope_scaling must be an object, got {raw['rope_scaling']!r}")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -72,6 +95,7 @@ class LlamaConfig:
             raw.setdefault("rope_theta", rope.get("rope_theta", 10000.0))
             if rope.get("rope_type", "default") != "default":
                 raw["rope_scaling"] = rope
+        check_field_types(raw, source)
         scaling = raw.get("rope_scaling")
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
