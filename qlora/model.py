@@ -175,8 +175,9 @@ def _compute_dtype_from_config(path: Path) -> torch.dtype | None:
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
         return None
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    name = quant.get("bnb_4bit_compute_dtype")
+    raw = json.loads(config.read_text())
+    quant = (raw.get("quantization_config") if isinstance(raw, dict) else None) or {}
+    name = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else None
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if dtype in SUPPORTED_DTYPES else None
 
@@ -379,7 +380,12 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"load_adapter: {file} does not exist")
-    config = json.loads(config_file.read_text())
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{config_file}: not valid JSON ({str(err)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type {config.get('peft_type')!r}, only 'LORA' adapters are supported")
     for option, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
@@ -411,6 +417,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         if set(parts) != {"lora_A", "lora_B"}:
             raise ValueError(f"{weights_file}: {name} has only {sorted(parts)}")
         a, b = parts["lora_A"], parts["lora_B"]
+        if not (a.is_floating_point() and b.is_floating_point()) or not (a.isfinite().all() and b.isfinite().all()):
+            raise ValueError(f"{weights_file}: adapter for {name} holds NaN/Inf or non-float values "
+                             f"(lora_A {a.dtype}, lora_B {b.dtype}); refusing to load it")
         r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or a.shape[1] != layer.in_features or tuple(b.shape) != (layer.out_features, r) \
                 or (layer.r > 0 and r != layer.r):
