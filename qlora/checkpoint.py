@@ -60,6 +60,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file and tensor."""
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json); CheckpointError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({str(err)[:200]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorHeader:
     """Where a tensor lives and what it is, read from the safetensors header alone."""

@@ -19,7 +19,7 @@ import torch
 
 from qlora.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, ShardWriter, TensorHeader,
-    nf4_prefixes, read_tensors, tensor_headers,
+    nf4_prefixes, read_json_object, read_tensors, tensor_headers,
 )
 from qlora.kernels.quantize import check_blocksize
 from qlora.codebook import QUANT_TYPES
@@ -303,12 +303,7 @@ def _read_config(src: Path) -> dict:
     path = src / "config.json"
     if not src.is_dir() or not path.exists():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, RecursionError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(path)
     if not isinstance(config.get("quantization_config", {}), dict):
         raise CheckpointError(f"{path}: quantization_config is not an object")
     if "quantization_config" in config:

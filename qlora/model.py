@@ -375,17 +375,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     (layers with r=0 get an adapter of the saved rank). Returns the names of the loaded layers."""
     from safetensors import safe_open
 
+    from qlora.checkpoint import read_json_object
+
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"load_adapter: {file} does not exist")
-    try:
-        config = json.loads(config_file.read_text())
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"{config_file}: not valid JSON ({str(err)[:200]})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file}: expected a JSON object, got {type(config).__name__}")
+    config = read_json_object(config_file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type {config.get('peft_type')!r}, only 'LORA' adapters are supported")
     for option, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):

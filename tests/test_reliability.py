@@ -165,12 +165,14 @@ def test_index_values_must_name_files_inside_the_checkpoint(tmp_path, capsys, va
     outside = small_model(tmp_path / "elsewhere")
     shutil.move(outside / "model.safetensors", tmp_path / "outside.safetensors")
     src = make_sharded_copy(DEFAULT_MODEL, tmp_path / "src")
+    (src / "sub").mkdir()  # so that sub/../../ leads somewhere
     index = json.loads((src / INDEX_FILE).read_text())
     name = next(iter(index["weight_map"]))
     index["weight_map"][name] = str(tmp_path / "outside.safetensors") if value == "ABSOLUTE" else value
     (src / INDEX_FILE).write_text(json.dumps(index))
     err = one_line(capsys, "quantize", src, tmp_path / "dst", "--no-progress")
     assert INDEX_FILE in err and name in err
+    assert ("points outside" if isinstance(value, str) else "expected a file name") in err
     assert not (tmp_path / "dst").exists()
 
 
