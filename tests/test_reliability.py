@@ -62,7 +62,7 @@ ft = importlib.import_module("qlora.finetune")  # `qlora.finetune` the attribute
 
 # A short text: a few training windows and a held-out part of one window keep each run to seconds.
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 2
-RUN = dict(steps=1, r=2, seq=32, batch=1, progress=False)
+RUN = dict(steps=1, r=2, seq=32, batch=1, grad_ckpt=False, progress=False)
 
 
 def one_line(capsys, command: str, *argv) -> str:
@@ -88,16 +88,21 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data) -> Path:
-    """A finished one-step run (adapter, trainer state, report); tests copy it before changing it."""
+def trained(tmp_path_factory, data) -> tuple[Path, list[bool], dict]:
+    """A one-step `finetune --force` over an old output: (out, whether the old output was still there
+    at each step, report). The resume tests copy the finished output."""
     out = tmp_path_factory.mktemp("trained") / "out"
+    out.mkdir()
+    (out / "old-marker").write_text("old")
+    seen: list[bool] = []
     patch = pytest.MonkeyPatch()
     patch.setattr(ft, "held_out_loss", lambda *args: 1.0)  # the loss itself is not under test here
     try:
-        finetune(data=data, out=out, **RUN)
+        report = finetune(data=data, out=out, force=True, **RUN,
+                          step_callback=lambda step, loss: seen.append((out / "old-marker").exists()))
     finally:
         patch.undo()
-    return out
+    return out, seen, report
 
 
 def model_copy(tmp_path: Path) -> Path:
@@ -125,8 +130,16 @@ def test_out_that_is_contains_or_lies_inside_an_input_is_refused_before_anything
     assert data.read_text() == TEXT
 
 
-def test_force_with_bad_data_keeps_the_old_output(tmp_path, capsys, trained):
-    out = Path(shutil.copytree(trained, tmp_path / "out"))
+def old_output(tmp_path: Path) -> Path:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("the previous adapter")
+    (out / "old-marker").write_text("old")
+    return out
+
+
+def test_force_with_bad_data_keeps_the_old_output(tmp_path, capsys):
+    out = old_output(tmp_path)
     before = tree(out)
     bad = tmp_path / "empty.txt"
     bad.write_text(" \n")
@@ -135,27 +148,25 @@ def test_force_with_bad_data_keeps_the_old_output(tmp_path, capsys, trained):
     assert tree(out) == before
 
 
-def test_force_replaces_the_old_output_only_once_the_new_one_is_complete(tmp_path, monkeypatch, data, trained):
-    out = Path(shutil.copytree(trained, tmp_path / "out"))
-    (out / "old-marker").write_text("old")
+def test_force_interrupted_keeps_the_old_output(tmp_path, monkeypatch, data):
+    out = old_output(tmp_path)
+    before = tree(out)
 
     def interrupt(*args):
-        assert (out / "old-marker").exists()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ft, "held_out_loss", interrupt)
+    monkeypatch.setattr(ft, "load_model", interrupt)  # once the partial output exists
     with pytest.raises(KeyboardInterrupt):
         finetune(data=data, out=out, force=True, **RUN)
-    assert (out / "old-marker").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert tree(out) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
-    seen = []
-    monkeypatch.setattr(ft, "held_out_loss", lambda *args: 1.0)
-    report = finetune(data=data, out=out, force=True, step_callback=lambda step, loss: seen.append(
-        (out / "old-marker").exists()), **RUN)
+
+def test_force_replaces_the_old_output_only_once_the_new_one_is_complete(trained):
+    out, seen, report = trained
     assert seen == [True]  # the old output was still there while the new one trained
     assert not (out / "old-marker").exists() and (out / "adapter_model.safetensors").is_file()
     assert report["out"] == str(out) and json.loads((out / "report.json").read_text())["out"] == str(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no partial or old folder left
+    assert sorted(p.name for p in out.parent.iterdir()) == ["out"]  # no partial or old folder left
 
 
 # ---- 2. paths taken from files ----------------------------------------------------------------------
@@ -280,11 +291,11 @@ def _rewrite_state(file: Path, edit) -> None:
 
 def test_corrupt_resume_states_give_one_line(tmp_path, capsys, data, trained):
     args = ["--data", data, "--r", 2, "--seq", 32, "--batch", 1, "--steps", 3, "--resume"]
-    out = Path(shutil.copytree(trained, tmp_path / "no-scalars"))
+    out = Path(shutil.copytree(trained[0], tmp_path / "no-scalars"))
     _rewrite_state(out / TRAINER_STATE, lambda meta, t: ({k: v for k, v in meta.items() if k != "scalars"}, t))
     assert "corrupt qlora trainer state" in finetune_error(capsys, *args, "--out", out)
 
-    out = Path(shutil.copytree(trained, tmp_path / "unknown-index"))
+    out = Path(shutil.copytree(trained[0], tmp_path / "unknown-index"))
     def move_to_9999(meta, tensors):  # parameter 0's state, under an index no parameter has
         def moved(key):
             return key.replace("state.0.", "state.9999.") if key.startswith("state.0.") else key

@@ -72,15 +72,18 @@ def test_finetune_sigterm_keeps_the_old_output_and_leaves_nothing(tmp_path):
     (out / "adapter_model.safetensors").write_text("the previous adapter")
     data = tmp_path / "data.txt"
     data.write_text(("The quick brown fox jumps over the lazy dog. " * 6 + "\n\n") * 2)
-    process = start(tmp_path, "qlora.finetune", "held_out_loss", "finetune", "--data", data, "--out", out,
+    # Paused in load_model: the partial --out and the temporary folder for the 4-bit model both exist.
+    process = start(tmp_path, "qlora.finetune", "load_model", "finetune", "--data", data, "--out", out,
                     "--force", "--steps", 1, "--r", 2, "--seq", 32, "--batch", 1, "--no-progress")
+    assert len([p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("qlora")]) == 1
+    assert len([p for p in tmp_path.iterdir() if p.name.endswith(".partial")]) == 1
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 143, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.txt", "out", "tmp"]
     assert [p.name for p in out.iterdir()] == ["adapter_model.safetensors"]
     assert (out / "adapter_model.safetensors").read_text() == "the previous adapter"
-    assert [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("qlora")] == []  # the 4-bit model copy
+    assert [p for p in (tmp_path / "tmp").iterdir() if p.name.startswith("qlora")] == []
 
 
 def test_sigkill_leaves_a_partial_that_the_next_run_removes(tmp_path, capsys):
