@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from qlora.nf4 import QUANT_STATE_KEYS, NF4Weight
+from qlora.safe_output import inside_directory
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -59,6 +60,17 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file and tensor."""
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON file that must hold an object (config.json, adapter_config.json); CheckpointError naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({str(err)[:200]})") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorHeader:
     """Where a tensor lives and what it is, read from the safetensors header alone."""
@@ -95,11 +107,11 @@ def read_safetensors_header(file: str | os.PathLike) -> tuple[dict[str, TensorHe
         header = json.loads(raw.decode("utf-8"))
         if not isinstance(header, dict):
             raise ValueError("not a JSON object")
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise CheckpointError(f"{file}: corrupt safetensors header ({err})") from None
     metadata = header.pop("__metadata__", None) or {}
     data_size = size - 8 - header_len
-    tensors = {}
+    tensors, spans = {}, []
     for name, entry in header.items():
         if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
             what = entry.get("dtype") if isinstance(entry, dict) else entry
@@ -110,6 +122,8 @@ def read_safetensors_header(file: str | os.PathLike) -> tuple[dict[str, TensorHe
             begin, end = (int(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{file}: tensor {name}: corrupt header entry {entry!r}") from None
+        if any(s < 0 for s in shape):
+            raise CheckpointError(f"{file}: tensor {name}: corrupt header, negative shape {list(shape)}")
         nbytes = math.prod(shape) * dtype.itemsize
         if end - begin != nbytes or begin < 0:
             raise CheckpointError(f"{file}: tensor {name}: corrupt header, shape {list(shape)} of {entry['dtype']} "
@@ -118,7 +132,22 @@ def read_safetensors_header(file: str | os.PathLike) -> tuple[dict[str, TensorHe
             raise CheckpointError(f"{file}: truncated: tensor {name} ends at data byte {end}, "
                                   f"the file holds {data_size}")
         tensors[name] = TensorHeader(file, dtype, shape, nbytes)
+        spans.append((begin, end, name))
+    _check_spans(file, spans, data_size)
     return tensors, metadata
+
+
+def _check_spans(file: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """The tensors' byte ranges must tile the data exactly, as safetensors requires to load the file:
+    an overlap or a gap means a corrupt (or crafted) header."""
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            what = f"overlaps tensor {previous}" if begin < position else f"leaves a gap of {begin - position} bytes"
+            raise CheckpointError(f"{file}: tensor {name}: corrupt header, data_offsets [{begin}, {end}] {what}")
+        position, previous = end, name
+    if position != data_size:
+        raise CheckpointError(f"{file}: corrupt header, the tensors cover {position} of the {data_size} data bytes")
 
 
 def checkpoint_files(path: str | os.PathLike) -> list[Path]:
@@ -148,12 +177,17 @@ def _read_index(index: Path) -> dict[str, Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (ValueError, KeyError, TypeError) as err:
+    except (ValueError, KeyError, TypeError, RecursionError) as err:
         raise CheckpointError(f"{index}: corrupt index ({type(err).__name__}: {err})") from None
     shards = {}
     for name, shard in weight_map.items():
-        shard_path = index.parent / shard
-        if shard not in shards and not shard_path.is_file():
+        if shard in shards:
+            continue
+        try:
+            shard_path = inside_directory(index.parent, shard, f"{index}: tensor {name}")
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
+        if not shard_path.is_file():
             raise CheckpointError(f"{index}: tensor {name} is in shard {shard}, which does not exist")
         shards[shard] = shard_path
     return {name: shards[shard] for name, shard in weight_map.items()}

@@ -60,13 +60,23 @@ def describe_checkpoint(path: str | os.PathLike) -> list[TensorInfo]:
             try:
                 state = json.loads(bytes(blob.tolist()).decode("utf-8"))
                 shape, blocksize = tuple(int(s) for s in state["shape"]), int(state["blocksize"])
-            except (ValueError, KeyError, TypeError) as err:
+                _check_nf4_shape(shape, blocksize, math.prod(header.shape))
+            except (ValueError, KeyError, TypeError, RecursionError) as err:
                 raise CheckpointError(f"{header.file}: tensor {state_names[prefix]}: corrupt quant state "
-                                      f"({type(err).__name__}: {err})") from None
+                                      f"({type(err).__name__}: {str(err)[:200]})") from None
             fmt = str(state.get("quant_type", "nf4")) + ("-dq" if "nested_blocksize" in state else "")
             nbytes = sum(headers[part].nbytes for part in parts_of[prefix])
             rows.append(TensorInfo(name, shape, fmt, nbytes, blocksize))
     return rows
+
+
+def _check_nf4_shape(shape: tuple[int, ...], blocksize: int, packed_bytes: int) -> None:
+    """The quant state's shape must be non-negative and fit the packed codes (two per byte)."""
+    if any(s < 0 for s in shape) or blocksize < 1:
+        raise ValueError(f"negative shape {list(shape)} or blocksize {blocksize}")
+    if (math.prod(shape) + 1) // 2 != packed_bytes:
+        raise ValueError(f"shape {list(shape)} needs {(math.prod(shape) + 1) // 2} packed bytes, "
+                         f"the weight holds {packed_bytes}")
 
 
 def add_reconstruction_errors(path: str | os.PathLike, rows: list[TensorInfo], original: str | os.PathLike) -> None:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from qlora.errors import UserError
+from qlora.safe_output import Terminated, terminate_like_interrupt
 
 SUBCOMMANDS = {
     "quantize": ("qlora.convert", "quantise a checkpoint to NF4 offline (bitsandbytes / HF layout)"),
@@ -33,10 +35,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args._module.run(args) or 0)
+        with terminate_like_interrupt():  # SIGTERM / SIGHUP unwind and clean up as Ctrl-C does
+            return int(args._module.run(args) or 0)
     except UserError as err:
-        print(f"qlora {args.command}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split())  # one line, whatever a library put in the message
+        print(f"qlora {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Terminated as err:
+        print(f"qlora {args.command}: terminated by {signal.Signals(err.signum).name}", file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"qlora {args.command}: interrupted", file=sys.stderr)
         return 130

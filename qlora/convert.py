@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,12 @@ import torch
 
 from qlora.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, ShardWriter, TensorHeader,
-    nf4_prefixes, read_tensors, tensor_headers,
+    nf4_prefixes, read_json_object, read_tensors, tensor_headers,
 )
 from qlora.kernels.quantize import check_blocksize
 from qlora.codebook import QUANT_TYPES
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
+from qlora.safe_output import make_partial_dir, remove_stale_partials, replace_dir
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "tiny-llama"
 DEFAULT_OUTPUT = Path("qlora-out") / "tiny-llama-nf4"
@@ -198,6 +198,9 @@ def _write_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, header: 
     if tensor.dtype not in SUPPORTED_DTYPES:
         raise CheckpointError(f"{header.file}: tensor {name}: dtype {tensor.dtype} of shape {list(tensor.shape)} "
                               "cannot be quantised (float32, bfloat16 or float16 only); pass --skip to keep it")
+    if tensor.numel() == 0:
+        raise CheckpointError(f"{header.file}: tensor {name}: shape {list(tensor.shape)} has no elements and "
+                              "cannot be quantised; pass --skip to keep it")
     if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(f"{header.file}: tensor {name}: shape {list(tensor.shape)} holds {bad} NaN/Inf "
@@ -278,17 +281,16 @@ def quantize_checkpoint(
     skipped_modules = sorted(set(kept) | set(DEFAULT_SKIP), key=lambda m: (m != "lm_head", m))
     summary = QuantizeSummary(output=dst, skipped_modules=skipped_modules, quant_type=quant_type)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    remove_stale_partials(dst)
+    work_dir = make_partial_dir(dst)
     try:
-        os.chmod(work_dir, 0o777 & ~_current_umask())  # mkdtemp makes it private; DST should not be
         _write_checkpoint(work_dir, headers, set(to_quantize), blocksize, double_quant, device,
                           allow_nonfinite, max_shard_bytes, summary, progress)
         config["quantization_config"] = quantization_config(double_quant, compute_dtype, skipped_modules, quant_type)
         (work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if src.is_dir():
             _copy_other_files(src, work_dir)
-        _replace_dir(work_dir, dst)
+        replace_dir(work_dir, dst, force)  # without force, a DST made meanwhile is an error here
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise
@@ -301,35 +303,13 @@ def _read_config(src: Path) -> dict:
     path = src / "config.json"
     if not src.is_dir() or not path.exists():
         return {}
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+    config = read_json_object(path)
+    if not isinstance(config.get("quantization_config", {}), dict):
+        raise CheckpointError(f"{path}: quantization_config is not an object")
     if "quantization_config" in config:
         raise CheckpointError(f"{path}: the model is already quantised "
                               f"({config['quantization_config'].get('quant_method', 'unknown method')})")
     return config
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _replace_dir(work_dir: Path, dst: Path) -> None:
-    """Rename the finished directory to dst; an existing dst (--force) is moved aside first and
-    deleted only once the new one is in place."""
-    old = None
-    if dst.exists() or dst.is_symlink():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(work_dir, dst)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,15 +13,12 @@ moved in by rename, with Ctrl-C held back for those few milliseconds. `--resume`
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +26,10 @@ from pathlib import Path
 import torch
 
 from qlora.checkpoint import replacing
+from qlora.safe_output import (
+    check_output_apart, make_partial_dir, remove_stale_partials, removes_partials_on_error, replace_dir,
+    signals_held_back,
+)
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "tiny-llama"
@@ -134,7 +135,10 @@ def load_tokenizer(model_dir: Path, vocab_size: int):
     from qlora.tokenizer import VOCAB_SIZE, ByteTokenizer
 
     config_file = model_dir / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    try:
+        declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    except (ValueError, AttributeError, RecursionError):
+        raise _user_error(f"{config_file}: not a JSON object") from None
     if declared in ("qlora.tokenizer.ByteTokenizer", "qlora.ByteTokenizer", "ByteTokenizer"):
         if vocab_size < VOCAB_SIZE:
             raise _user_error(f"{model_dir}: byte tokenizer needs vocab_size >= {VOCAB_SIZE}, config has {vocab_size}")
@@ -144,7 +148,7 @@ def load_tokenizer(model_dir: Path, vocab_size: int):
     except ImportError:
         raise _user_error(f"{model_dir}: its tokenizer needs transformers (pip install 'qlora[hf]')") from None
     try:
-        return AutoTokenizer.from_pretrained(str(model_dir))
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)  # never run its code
     except Exception as err:  # transformers raises many kinds; the user needs the one line
         raise _user_error(f"{model_dir}: could not load its tokenizer ({type(err).__name__}: {err})") from None
 
@@ -214,22 +218,6 @@ def load_model(model_dir: Path, device: torch.device, compute_dtype: torch.dtype
 
 # ---- checkpoints ---------------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def _sigint_held_back():
-    """Delay Ctrl-C until the block ends, so a checkpoint is never half moved into place."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if caught:
-            raise KeyboardInterrupt
-
-
 def save_trainer_state(file: Path, step: int, optimizer_state: dict, settings: dict) -> None:
     """The optimizer's tensors in safetensors, everything else as JSON metadata: no pickle to load."""
     from safetensors.torch import save_file
@@ -253,16 +241,19 @@ def load_trainer_state(file: Path) -> dict:
         with safe_open(str(file), "pt") as reader:
             meta = json.loads((reader.metadata() or {})["trainer_state"])
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
-    except (KeyError, ValueError, OSError, SafetensorError) as err:
+    except (KeyError, ValueError, OSError, SafetensorError, RecursionError) as err:
         raise _user_error(f"{file}: not a qlora trainer state ({type(err).__name__}: {err})") from None
-    state: dict[int, dict] = {}
-    for key, value in [*tensors.items(), *meta["scalars"].items()]:
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = value
-    groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
-              for group in meta["param_groups"]]
-    return {"step": meta["step"], "settings": meta["settings"],
-            "optimizer": {"state": state, "param_groups": groups}}
+    try:
+        state: dict[int, dict] = {}
+        for key, value in [*tensors.items(), *meta["scalars"].items()]:
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+        groups = [{**group, "betas": tuple(group["betas"])} if "betas" in group else group
+                  for group in meta["param_groups"]]
+        step, settings = int(meta["step"]), dict(meta["settings"])
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise _user_error(f"{file}: corrupt qlora trainer state ({type(err).__name__}: {err})") from None
+    return {"step": step, "settings": settings, "optimizer": {"state": state, "param_groups": groups}}
 
 
 def save_checkpoint(out: Path, model, optimizer, step: int, settings: Settings) -> None:
@@ -272,7 +263,7 @@ def save_checkpoint(out: Path, model, optimizer, step: int, settings: Settings) 
     shutil.rmtree(staging, ignore_errors=True)
     save_adapter(model, staging, base_model_name_or_path=settings.model)
     save_trainer_state(staging / TRAINER_STATE, step, optimizer.state_dict(), asdict(settings))
-    with _sigint_held_back():
+    with signals_held_back():
         # The trainer state goes last: whatever step it names, the adapter beside it is at least as new
         # only in a crash between two renames, never on Ctrl-C.
         for name in sorted(os.listdir(staging), key=lambda n: n == TRAINER_STATE):
@@ -292,6 +283,18 @@ def load_checkpoint(out: Path, settings: Settings) -> dict:
     if Path(saved["model"]).resolve() != Path(settings.model).resolve():
         raise _user_error(f"{out}: was trained on {saved['model']}, not {settings.model}")
     return state
+
+
+def _check_numbers(**values) -> None:
+    """Finite values in range: a NaN alpha would train to NaN and report it as a result."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise _user_error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= values["dropout"] < 1:
+        raise _user_error(f"--dropout must be in [0, 1), got {values['dropout']}")
+    for name in ("max_grad_norm", "weight_decay"):
+        if values[name] is not None and values[name] < 0:
+            raise _user_error(f"--{name.replace('_', '-')} must not be negative, got {values[name]}")
 
 
 # ---- memory --------------------------------------------------------------------------------------
@@ -314,6 +317,7 @@ def _mib(n: int) -> str:
 
 # ---- the run -------------------------------------------------------------------------------------
 
+@removes_partials_on_error
 def finetune(
     model: str | os.PathLike | None = None,
     data: str | os.PathLike | None = None,
@@ -355,10 +359,16 @@ def finetune(
         raise _user_error(f"--r must be at least 1, got {r}")
     if not (lr > 0 and math.isfinite(lr)):
         raise _user_error(f"--lr must be a positive number, got {lr}")
+    _check_numbers(alpha=alpha, dropout=dropout, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(compute_dtype)
     if dtype is None:
         raise _user_error(f"--compute-dtype {compute_dtype!r}: use bfloat16, float16 or float32")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise _user_error(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise _user_error(f"--device {device}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise _user_error("--device cuda: no CUDA device is available")
     if not model_dir.is_dir():
@@ -376,11 +386,14 @@ def finetune(
     settings = Settings(model=str(model_dir), data=str(data_path), steps=steps, r=r, alpha=alpha, dropout=dropout,
                         lr=lr, max_grad_norm=max_grad_norm, weight_decay=weight_decay, seq=seq, batch=batch,
                         seed=seed, compute_dtype=compute_dtype, grad_ckpt=grad_ckpt)
+    check_output_apart(out, {"model directory": model_dir, "data file": data_path})
+    remove_stale_partials(out)
     resumed = load_checkpoint(out, settings) if resume else None
+    final_out = out
     if not resume and out.exists() and any(out.iterdir()):
         if not force:
             raise _user_error(f"{out}: already exists; pass --resume to continue it or --force to start over")
-        shutil.rmtree(out)
+        out = make_partial_dir(final_out)  # the old output is replaced only once this one is complete
 
     config = load_config(model_dir)
     tokenizer = load_tokenizer(model_dir, config.vocab_size)
@@ -399,7 +412,10 @@ def finetune(
         torch.cuda.reset_peak_memory_stats(device)
     start_load = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlora-finetune-") as work_dir:
-        net = load_model(model_dir, device, dtype, Path(work_dir))
+        try:
+            net = load_model(model_dir, device, dtype, Path(work_dir))
+        except (ValueError, OSError) as err:  # CheckpointError and the loader's shape errors name the tensor
+            raise _user_error(f"{model_dir}: {err}" if str(model_dir) not in str(err) else str(err)) from None
     torch.manual_seed(seed)  # the adapters' initialisation
     prepare_model(net, r=r, alpha=alpha, dropout=dropout, compute_dtype=dtype, gradient_checkpointing=grad_ckpt,
                   verbose=False)
@@ -410,8 +426,11 @@ def finetune(
                                 gpu_budget=gpu_budget, max_grad_norm=max_grad_norm)
     first_step = 0
     if resumed is not None:
-        load_adapter(net, out)
-        optimizer.load_state_dict(resumed["optimizer"])
+        try:
+            load_adapter(net, out)
+            optimizer.load_state_dict(resumed["optimizer"])
+        except Exception as err:  # safetensors, JSON and shape errors alike: the file is not this run's
+            raise _user_error(f"{out}: cannot resume ({type(err).__name__}: {err})") from None
         first_step = int(resumed["step"])
         if first_step >= steps:
             raise _user_error(f"{out}: already trained {first_step} steps; pass a larger --steps to continue")
@@ -447,7 +466,7 @@ def finetune(
     loss_after = held_out_loss(net, held_tokens, seq, device)
     peak, peak_kind = peak_memory(device)
     report = {
-        "model": str(model_dir), "data": str(data_path), "out": str(out), "device": str(device),
+        "model": str(model_dir), "data": str(data_path), "out": str(final_out), "device": str(device),
         "steps": steps, "first_step": first_step, "seq": seq, "batch": batch,
         "r": r, "alpha": alpha, "dropout": dropout, "lr": lr, "max_grad_norm": max_grad_norm,
         "trainable_params": trainable, "total_params": total,
@@ -460,6 +479,9 @@ def finetune(
     }
     with replacing(out / REPORT) as partial:
         partial.write_text(json.dumps(report, indent=2) + "\n")
+    if out != final_out:
+        replace_dir(out, final_out, force=True)
+        out = final_out
     print(f"held-out loss {loss_before:.3f} -> {loss_after:.3f} "
           f"({(loss_after - loss_before) / loss_before:+.1%}) after {steps} steps; "
           f"train {train_seconds:.1f}s at {report['tokens_per_second']:,.0f} tokens/s; "

@@ -175,8 +175,9 @@ def _compute_dtype_from_config(path: Path) -> torch.dtype | None:
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
         return None
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    name = quant.get("bnb_4bit_compute_dtype")
+    raw = json.loads(config.read_text())
+    quant = (raw.get("quantization_config") if isinstance(raw, dict) else None) or {}
+    name = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else None
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if dtype in SUPPORTED_DTYPES else None
 
@@ -374,12 +375,14 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     (layers with r=0 get an adapter of the saved rank). Returns the names of the loaded layers."""
     from safetensors import safe_open
 
+    from qlora.checkpoint import read_json_object
+
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     for file in (config_file, weights_file):
         if not file.is_file():
             raise FileNotFoundError(f"load_adapter: {file} does not exist")
-    config = json.loads(config_file.read_text())
+    config = read_json_object(config_file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type {config.get('peft_type')!r}, only 'LORA' adapters are supported")
     for option, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
@@ -411,6 +414,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         if set(parts) != {"lora_A", "lora_B"}:
             raise ValueError(f"{weights_file}: {name} has only {sorted(parts)}")
         a, b = parts["lora_A"], parts["lora_B"]
+        if not (a.is_floating_point() and b.is_floating_point()) or not (a.isfinite().all() and b.isfinite().all()):
+            raise ValueError(f"{weights_file}: adapter for {name} holds NaN/Inf or non-float values "
+                             f"(lora_A {a.dtype}, lora_B {b.dtype}); refusing to load it")
         r = a.shape[0] if a.dim() == 2 else -1
         if a.dim() != 2 or a.shape[1] != layer.in_features or tuple(b.shape) != (layer.out_features, r) \
                 or (layer.r > 0 and r != layer.r):

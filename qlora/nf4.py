@@ -91,6 +91,7 @@ class NF4Weight:
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight in dtype (default: the original dtype), bit-identical to bitsandbytes."""
+        _check_float_dtype("dequantize", dtype or self.dtype)
         out = dequantize_nf4(
             self.packed, self.absmax, self.quant_map, self.numel, self.blocksize, dtype or self.dtype,
             self.nested_absmax, self.nested_code, self.offset,
@@ -132,8 +133,10 @@ class NF4Weight:
         blob = state_dict[state_key]
         try:
             state = json.loads(bytes(blob.to("cpu", torch.uint8).tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise ValueError(f"{state_key}: not valid UTF-8 JSON ({err})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise ValueError(f"{state_key}: not valid UTF-8 JSON ({str(err)[:200]})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"{state_key}: expected a JSON object, got {type(state).__name__}")
         if state.get("quant_type") != quant_type:
             raise ValueError(f"{state_key}: quant_type {state.get('quant_type')!r} does not match the key's "
                              f"{quant_type!r}")
@@ -164,6 +167,12 @@ class NF4Weight:
             quant_type=quant_type,
         )
         weight.validate(key)
+        # A NaN in a code table would decode silently. (NaN scales may be meant: --allow-nonfinite.)
+        for part in ("quant_map", "nested_code"):
+            tensor = getattr(weight, part)
+            if tensor is not None and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{key}.{part}: holds NaN/Inf values in shape {list(tensor.shape)}; "
+                                 "the checkpoint is corrupt")
         return weight
 
     def validate(self, name: str = "weight") -> None:
@@ -257,6 +266,12 @@ def quantize_4bit(
     return quantize_nf4(w, blocksize, double_quant, name=name, allow_nonfinite=allow_nonfinite, quant_type=quant_type)
 
 
+def _check_float_dtype(what: str, dtype: torch.dtype) -> None:
+    """The kernels compute in float32 / bfloat16 / float16: anything else would come back as zeros."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what}: dtype {dtype} is not supported; use float32, bfloat16 or float16")
+
+
 def _kernel_args(w: NF4Weight) -> tuple:
     out_features, in_features = w.shape
     return (w.packed, w.absmax, w.quant_map, out_features, in_features, w.blocksize,
@@ -265,6 +280,7 @@ def _kernel_args(w: NF4Weight) -> tuple:
 
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for x [..., in] with W a 2-D NF4Weight [out, in]."""
+    _check_float_dtype(f"nf4_linear: x of shape {list(x.shape)}", x.dtype)
     if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x: shape {list(x.shape)} does not fit a weight of shape {list(w.shape)} "
                          f"(the last dimension must be {w.shape[-1]})")
@@ -273,6 +289,7 @@ def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) 
 
 def nf4_linear_grad_input(grad_out: torch.Tensor, w: NF4Weight) -> torch.Tensor:
     """grad_out @ W for grad_out [..., out]: the input gradient of nf4_linear."""
+    _check_float_dtype(f"nf4_linear_grad_input: grad_out of shape {list(grad_out.shape)}", grad_out.dtype)
     if len(w.shape) != 2 or grad_out.shape[-1] != w.shape[0]:
         raise ValueError(f"grad_out: shape {list(grad_out.shape)} does not fit a weight of shape "
                          f"{list(w.shape)} (the last dimension must be {w.shape[0]})")

@@ -682,6 +682,10 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             stripped[i] = entry
         id_map = dict(zip(chain.from_iterable(g["params"] for g in saved_groups),
                           chain.from_iterable(g["params"] for g in self.param_groups)))
+        unknown = sorted((i for i in moments if i not in id_map), key=str)
+        if unknown:
+            raise ValueError(f"optimizer state for parameter index {unknown[0]!r}, which no param_group lists "
+                             f"(they list {sorted(id_map, key=str)[:8]})")
         super().load_state_dict({"state": stripped, "param_groups": saved_groups})
         self._plans.clear()
         self._active_plan = None
