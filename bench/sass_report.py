@@ -42,6 +42,7 @@ from triton.compiler import ASTSource  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qlora.kernels import adamw as A  # noqa: E402
+from qlora.kernels import backend  # noqa: E402
 from qlora.kernels import dequantize as D  # noqa: E402
 from qlora.kernels import gemv as G  # noqa: E402
 from qlora.kernels import matmul as MM  # noqa: E402
@@ -107,16 +108,16 @@ def recording():
     names = [(mod, name) for mod in (D, G, MM, Q, A) for name in dir(mod)
              if isinstance(getattr(mod, name), triton.runtime.jit.JITFunction) and name.endswith("_kernel")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in names]
-    saved_sm = G._sm_count
+    saved_sm = backend.sm_count
     try:
         for mod, name, kernel in saved:
             setattr(mod, name, _Recorder(kernel, launches))
-        G._sm_count = lambda device: SM_COUNT
+        backend.sm_count = lambda device: SM_COUNT
         yield launches
     finally:
         for mod, name, kernel in saved:
             setattr(mod, name, kernel)
-        G._sm_count = saved_sm
+        backend.sm_count = saved_sm
 
 
 def compile_launch(launch: Launch):
@@ -167,7 +168,7 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
 
 # Kernels whose source has a K loop; the others handle one tile per program (their few backward
 # branches are slow paths, e.g. of the IEEE division), so their whole body is counted.
-LOOP_KERNELS = ("_nf4_gemv_kernel", "_nf4_linear_kernel", "_nf4_linear_grad_input_kernel")
+LOOP_KERNELS = ("_dequantize_kernel", "_nf4_gemv_kernel", "_nf4_linear_kernel", "_nf4_linear_grad_input_kernel")
 
 
 def parse_sass(sass: str, has_loop: bool = True) -> tuple[list[str], list[str]]:
@@ -219,7 +220,7 @@ def weight_elements_per_iteration(launch: Launch) -> int:
     c = launch.constexprs
     name = launch.kernel.fn.__name__
     if name in ("_dequantize_kernel", "_quantize_kernel"):
-        return c["BLOCKS_PER_PROGRAM"] * c["BLOCKSIZE"]
+        return c.get("BLOCKS_PER_TILE", c.get("BLOCKS_PER_PROGRAM")) * c["BLOCKSIZE"]
     if name == "_nf4_gemv_kernel":
         return c["BLOCK_N"] * c["BLOCKS_K"] * c["BLOCKSIZE"]
     if name in ("_nf4_linear_kernel", "_nf4_linear_grad_input_kernel"):
@@ -322,9 +323,11 @@ def configs(shapes, ms):
         torch.empty(1, 8, device="meta")), dict(elements=n, bytes=n * (2 + 2 + 2 + 4 * 4)))
 
 
-def report(shapes=SHAPES, ms=MS) -> list[Row]:
+def report(shapes=SHAPES, ms=MS, only: str = "") -> list[Row]:
     rows, facts = [], {}
     for config, op, work in configs(shapes, ms):
+        if only not in config:
+            continue
         with recording() as launches:
             op()
         for launch in launches:
@@ -351,13 +354,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
+    parser.add_argument("--only", default="", help="only the configs whose name contains this")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     if not tools_available():
         print(f"bench/sass_report.py: Triton's nvdisasm/cuobjdump not found under {BIN}", file=sys.stderr)
         return 1
     shapes = [tuple(int(s) for s in shape.split("x")) for shape in args.shapes.split(",")]
-    rows = report(shapes, [int(m) for m in args.ms.split(",")])
+    rows = report(shapes, [int(m) for m in args.ms.split(",") if m], args.only)
     print(markdown(rows))
     if args.json:
         tmp = args.json.with_name(args.json.name + ".partial")

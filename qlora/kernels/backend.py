@@ -11,6 +11,7 @@ TRITON_INTERPRET=1 set by hand, and then every kernel is interpreted.)
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -71,6 +72,19 @@ def use_triton(t: torch.Tensor) -> bool:
 def on_gpu(t: torch.Tensor) -> bool:
     """Compiled (not interpreted) Triton: the kernels may use PTX inline assembly."""
     return t.is_cuda and not INTERPRET
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of device (asked once per device). The interpreter pretends to a
+    small machine, so that small test shapes take the split-K and persistent paths."""
+    if device.type != "cuda":
+        return 2
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def dispatching_op(name: str, schema: str, fake):

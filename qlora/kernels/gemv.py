@@ -21,14 +21,9 @@ from qlora.kernels.backend import tl, triton
 GEMV_MAX_M = 4
 
 
-def _sm_count(device) -> int:
-    # The interpreter pretends to a small machine so that small test shapes take the split-K paths.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
 def split_k_for(tiles: int, k_steps: int, device) -> int:
     """Enough K splits for about four programs per SM, when the output alone has too few tiles."""
-    want = 4 * _sm_count(device)
+    want = 4 * backend.sm_count(device)
     return max(1, min(k_steps, -(-want // tiles))) if tiles < want else 1
 
 

@@ -88,7 +88,7 @@ def quantize_absmax_reference(
 @triton.jit
 def _tile_ids(pid, SIZE: tl.constexpr):
     """The SIZE consecutive indices of program pid, in int64: offsets past 2**31 elements stay exact."""
-    return pid.to(tl.int64) * SIZE + tl.arange(0, SIZE)
+    return tl.cast(pid, tl.int64) * SIZE + tl.arange(0, SIZE)
 
 
 @triton.jit
