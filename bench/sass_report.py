@@ -168,7 +168,7 @@ def disassemble(cubin: bytes) -> tuple[str, str]:
 
 # Kernels whose source has a K loop; the others handle one tile per program (their few backward
 # branches are slow paths, e.g. of the IEEE division), so their whole body is counted.
-LOOP_KERNELS = ("_dequantize_kernel", "_nf4_gemv_kernel", "_nf4_linear_kernel", "_nf4_linear_grad_input_kernel")
+LOOP_KERNELS = ("_dequantize_kernel", "_quantize_kernel", "_nf4_gemv_kernel", "_nf4_linear_kernel", "_nf4_linear_grad_input_kernel")
 
 
 def parse_sass(sass: str, has_loop: bool = True) -> tuple[list[str], list[str]]:
@@ -220,7 +220,7 @@ def weight_elements_per_iteration(launch: Launch) -> int:
     c = launch.constexprs
     name = launch.kernel.fn.__name__
     if name in ("_dequantize_kernel", "_quantize_kernel"):
-        return c.get("BLOCKS_PER_TILE", c.get("BLOCKS_PER_PROGRAM")) * c["BLOCKSIZE"]
+        return c["BLOCKS_PER_TILE"] * c["BLOCKSIZE"]
     if name == "_nf4_gemv_kernel":
         return c["BLOCK_N"] * c["BLOCKS_K"] * c["BLOCKSIZE"]
     if name in ("_nf4_linear_kernel", "_nf4_linear_grad_input_kernel"):
