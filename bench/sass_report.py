@@ -197,7 +197,7 @@ def access_widths(body: list[str], op: str) -> str:
     """Distinct widths (bits) of the global loads (LDG) or stores (STG) in body, e.g. '8,128'."""
     widths = set()
     for instr in body:
-        found = re.search(rf"\b{op}\.E(\S*)", instr)
+        found = re.search(rf"\b{op}(?:STS)?\.E(\S*)", instr)  # LDGSTS: cp.async of a pipelined load
         if found:
             suffix = found.group(1)
             width = next((int(w) for w in re.findall(r"\.(\d+)", suffix) if w in ("64", "128")), None)
@@ -277,13 +277,19 @@ def make_row(config: str, facts: dict, launch: Launch, work: dict) -> Row:
     for g in launch.grid:
         grid *= g
     waves = grid / (SM_COUNT * max(facts["ctas_per_sm"], 1))
-    issue_s = work["elements"] * facts["sass_per_element"] / 32 / (ISSUE_PER_CLOCK * SM_COUNT * CLOCK_HZ)
+    c = launch.constexprs
+    # Tensor-core tiles decode their W tile once per BLOCK_M rows of x.
+    elements = work["elements"] * (-(-work.get("M", 1) // c["BLOCK_M"]) if "BLOCK_M" in c else 1)
+    issue_s = elements * facts["sass_per_element"] / 32 / (ISSUE_PER_CLOCK * SM_COUNT * CLOCK_HZ)
     issue_s *= (-(-waves // 1) / waves) if waves >= 1 else 1.0 / waves
     mem_s, mma_s = work["bytes"] / MEM_BYTES_PER_S, work.get("flops", 0) / MMA_FLOP_PER_S
     floor_s = max(mem_s, mma_s)
-    c = launch.constexprs
-    notes = dict(grid=list(launch.grid), tile="x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c),
-                 split_k=c.get("SPLIT_K", 1), num_warps=launch.num_warps, num_stages=launch.num_stages)
+    if facts["mma"] != "none (CUDA cores)":
+        # The build waits for each k-step's MMAs before decoding the next tile: no overlap, the
+        # decode's issue time adds to the tensor cores' time.
+        issue_s += mma_s
+    notes = dict(decode_over_mma=round((issue_s - mma_s) / mma_s, 2) if facts["mma"] != "none (CUDA cores)" else None,grid=list(launch.grid), tile="x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c),
+                 split_k=c.get("SPLIT_K", c.get("SPLIT_N", 1)), num_warps=launch.num_warps, num_stages=launch.num_stages)
     return Row(config=config, waves=round(waves, 2), modelled_us=round(max(issue_s, floor_s) * 1e6, 1),
                floor_us=round(floor_s * 1e6, 1), bound="memory" if mem_s >= mma_s else "tensor cores",
                notes=notes, **facts)
@@ -311,7 +317,7 @@ def configs(shapes, ms):
         for M in ms:
             x = torch.empty(M, K, dtype=torch.bfloat16, device="meta")
             g = torch.empty(M, N, dtype=torch.bfloat16, device="meta")
-            work = dict(elements=N * K, bytes=nf4_bytes + 2 * M * (N + K), flops=2 * M * N * K)
+            work = dict(elements=N * K, M=M, bytes=nf4_bytes + 2 * M * (N + K), flops=2 * M * N * K)
             yield f"forward {N}x{K} M={M}", lambda x=x, w=w: MM.nf4_linear_triton(x, *w), work
             if M >= 16:
                 yield f"input grad {N}x{K} M={M}", lambda g=g, w=w: MM.nf4_linear_grad_input_triton(g, *w), work
@@ -340,12 +346,13 @@ def report(shapes=SHAPES, ms=MS, only: str = "") -> list[Row]:
 
 def markdown(rows: list[Row]) -> str:
     head = ("| config | kernel (tile, split-K) | regs | spills | smem B | CTAs/SM | waves | SASS/elem | LDG bits "
-            "| STG bits | MMA | model us | floor us (bound) |")
-    lines = [head, "|" + "---|" * 13]
+            "| STG bits | MMA | decode / MMA time | model us | floor us (bound) |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         extra = f" ({r.notes.get('tile') or '-'}, {r.notes.get('split_k', 1)})" if r.notes.get("tile") else ""
         lines.append(f"| {r.config} | {r.kernel}{extra} | {r.regs} | {r.spills} | {r.shared} | {r.ctas_per_sm} | "
-                     f"{r.waves} | {r.sass_per_element} | {r.loads} | {r.stores} | {r.mma} | {r.modelled_us} | "
+                     f"{r.waves} | {r.sass_per_element} | {r.loads} | {r.stores} | {r.mma} | "
+                     f"{'-' if r.notes.get('decode_over_mma') is None else r.notes['decode_over_mma']} | {r.modelled_us} | "
                      f"{r.floor_us} ({r.bound}) |")
     return "\n".join(lines)
 

@@ -145,3 +145,24 @@ def test_float32_inputs_stay_float32(monkeypatch, M):
     assert rel_err(MM.nf4_linear_triton(x, *args), x.double() @ w64.T) <= 1e-6
     g = inputs(M, 70, torch.float32, seed=3)
     assert rel_err(MM.nf4_linear_grad_input_triton(g, *args), g.double() @ w64) <= 1e-6
+
+
+@pytest.mark.parametrize("M", [17, 130])
+@pytest.mark.parametrize("split_n", [3])
+def test_grad_input_split_n(poison, M, split_n):
+    # The input gradient splits N (its reduction) when its output has too few tiles for a wave.
+    args, w64 = make_weight(200, 64 * 3, 64)
+    g = inputs(M, 200, torch.bfloat16)
+    got = MM.nf4_linear_grad_input_fused(g, *args, split_n=split_n)
+    assert got.shape == (M, 64 * 3) and got.dtype == torch.bfloat16
+    assert rel_err(got, g.double() @ w64) <= 1e-2
+
+
+def test_split_rule_fills_a_wave(monkeypatch):
+    # At least ctas_per_sm programs on each of 132 SMs when K allows, and no split left empty.
+    monkeypatch.setattr(G.backend, "sm_count", lambda device: 132)
+    for tiles, k_steps, ctas in [(32, 64, 1), (64, 64, 4), (7, 128, 6), (4, 16, 3), (600, 64, 1)]:
+        split = G.split_k_for(tiles, k_steps, torch.device("cpu"), ctas)
+        splits, per_split = G.plan_split_k(split, k_steps, 64, k_steps * 64)
+        assert tiles * splits >= min(ctas * 132, tiles * k_steps)
+        assert (splits - 1) * per_split < k_steps * 64  # the last split is not empty

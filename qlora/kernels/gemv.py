@@ -21,9 +21,10 @@ from qlora.kernels.backend import tl, triton
 GEMV_MAX_M = 4
 
 
-def split_k_for(tiles: int, k_steps: int, device) -> int:
-    """Enough K splits for about four programs per SM, when the output alone has too few tiles."""
-    want = 4 * backend.sm_count(device)
+def split_k_for(tiles: int, k_steps: int, device, ctas_per_sm: int = 4) -> int:
+    """Enough K splits for one full wave (ctas_per_sm programs on every SM), when the output alone
+    has too few tiles."""
+    want = ctas_per_sm * backend.sm_count(device)
     return max(1, min(k_steps, -(-want // tiles))) if tiles < want else 1
 
 
@@ -31,7 +32,7 @@ def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, in
     """(splits, elements of K per split) for split_k splits asked of k_steps steps of step elements:
     clamped to 1..k_steps, then recounted so that no split is empty."""
     split_k = max(1, min(split_k, k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * step
+    k_per_split = (k_steps // split_k) * step  # rounded down: at least split_k splits, none empty
     return triton.cdiv(K, k_per_split), k_per_split
 
 
@@ -119,7 +120,7 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     k_steps = triton.cdiv(K, step)
     tiles = triton.cdiv(N, block_n)
     if split_k is None:
-        split_k = split_k_for(tiles, k_steps, x2.device)
+        split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm=3)  # 3 fit at 128..166 registers
     split_k, k_per_split = plan_split_k(split_k, k_steps, step, K)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)

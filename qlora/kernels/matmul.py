@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from qlora.kernels import backend
-from qlora.kernels.dequantize import _block_scales, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
+from qlora.kernels.dequantize import _block_scales, _decode_bytes, _pair_table, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
 from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
@@ -55,9 +55,9 @@ def nf4_linear_grad_input_reference(grad_out, packed, absmax, quant_map, out_fea
 
 
 @triton.jit
-def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-            rows, k0, N, K, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-            NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
+def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+            rows, k0, N, K, row_bytes, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+            DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
     """W[rows, k0:k0+BLOCK_K] in float32, [len(rows), BLOCK_K].
 
     Needs K % BLOCKSIZE == 0, BLOCK_K dividing BLOCKSIZE and k0 a multiple of BLOCK_K: then each
@@ -65,13 +65,14 @@ def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_p
     finite (they are multiplied by masked zeros or not stored)."""
     rows = rows.to(tl.int64)
     row_mask = rows < N
-    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte_cols[None, :], mask=row_mask[:, None], other=0)
+    # k0 is a multiple of BLOCK_K (the loops step by it from multiples of it): said, so loads stay wide.
+    byte_cols = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=row_mask[:, None], other=0)
     scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                           (rows * K + k0) // BLOCKSIZE, row_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
-    hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
-    lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
-    return tl.interleave(hi, lo) * scale[:, None]
+    hi, lo = _decode_bytes(table, tl.reshape(byte, [ROWS * (BLOCK_K // 2)]))
+    w = tl.interleave(tl.reshape(hi, [ROWS, BLOCK_K // 2]), tl.reshape(lo, [ROWS, BLOCK_K // 2]))
+    return w * scale[:, None]
 
 
 @triton.jit
@@ -96,11 +97,12 @@ def _grouped_tile(pid, grid_m, grid_other, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                       bias_ptr, out_ptr, M, N, K, k_per_split,
+                       bias_ptr, out_ptr, M, N, K, row_bytes, k_per_split,
                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                        DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # out[M, N] = x[M, K] @ W[N, K]^T, W dequantised tile by tile in registers. With SPLIT_K > 1,
+    # out[M, N] = x[M, K] @ W[N, K]^T, W dequantised tile by tile in registers. row_bytes = K // 2, an
+    # argument so that its divisibility by 16 is known and W's bytes load 16 at a time. With SPLIT_K > 1,
     # program (., s) sums k in [s * k_per_split, (s+1) * k_per_split) into float32 partials out[s].
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
@@ -110,13 +112,14 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
     rk = tl.arange(0, BLOCK_K)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    table = _pair_table(qmap_ptr)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     # K is a multiple of BLOCK_K (it is one of blocksize): no k masks.
     for k0 in range(k_start, k_end, BLOCK_K):
         a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
-        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                    rn, k0, N, K, BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                    rn, k0, N, K, row_bytes, BLOCKSIZE, BLOCK_K, BLOCK_N, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
         acc = _dot(a, tl.trans(_round_to(w, dtype, ON_GPU)), acc, ON_GPU)
 
     mask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -131,34 +134,52 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
 
 @triton.jit
 def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                  qmap_ptr, out_ptr, M, N, K,
-                                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                                  qmap_ptr, out_ptr, M, N, K, row_bytes, n_per_split,
+                                  SPLIT_N: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                                   NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   GROUP_M: tl.constexpr):
     # out[M, K] = g[M, N] @ W[N, K]: the same [rows of W, k] tiles as the forward, used untransposed.
+    # With SPLIT_N > 1, program (., s) sums n in [s * n_per_split, (s+1) * n_per_split) into float32
+    # partials out[s].
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
+    split = tl.program_id(1)
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     k0 = pid_k * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
     dtype = g_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    table = _pair_table(qmap_ptr)
+    for n0 in range(split * n_per_split, tl.minimum(split * n_per_split + n_per_split, N), BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
-        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                    rn, k0, N, K, BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                    rn, k0, N, K, row_bytes, BLOCKSIZE, BLOCK_K, BLOCK_N, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
         acc = _dot(g, _round_to(w, dtype, ON_GPU), acc, ON_GPU)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU),
-             mask=(rm < M)[:, None])
+    if SPLIT_N > 1:
+        tl.store(out_ptr + split.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :], acc, mask=(rm < M)[:, None])
+    else:
+        tl.store(out_ptr + rm[:, None] * K + rk[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU),
+                 mask=(rm < M)[:, None])
 
 
+# ctas_per_sm: what fits on an SM at once (registers, shared memory) in the sm_90a build, from
+# bench/sass_report.py; the split-K rule launches at least one full wave of them.
 def _fused_config(M: int, blocksize: int):
     block_k = min(64, blocksize)
     if M <= SMALL_M:
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4,
+                    ctas_per_sm=6 if M <= 16 else 4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=1)
+
+
+def _grad_input_config(M: int, blocksize: int):
+    block_k = min(64, blocksize)
+    if M <= SMALL_M:
+        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4,
+                    num_stages=4, ctas_per_sm=5 if M <= 16 else 4)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=3)
 
 
 def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None, nested_code=None,
@@ -167,15 +188,17 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
     assert K % blocksize == 0, "fused tiles need whole blocks per row"
     M = x2.shape[0]
     cfg = dict(config or _fused_config(M, blocksize))
+    cfg.setdefault("ctas_per_sm", 1)
     tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
     k_steps = K // cfg["BLOCK_K"]
+    ctas_per_sm = cfg.pop("ctas_per_sm")
     if split_k is None:
-        split_k = split_k_for(tiles, k_steps, x2.device) if M <= SMALL_M else 1
+        split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm)
     split_k, k_per_split = plan_split_k(split_k, k_steps, cfg["BLOCK_K"], K)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_linear_kernel[(tiles, split_k)](
-        x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
+        x2, *weights, bias if bias is not None else x2, out, M, N, K, K // 2, k_per_split,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), GROUP_M=8, **cfg,
     )
@@ -183,22 +206,26 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
 
 
 def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
-                                nested_code=None, offset=None, config=None) -> torch.Tensor:
-    """out [M, K] = g2 [M, N] @ W with the fused kernel (K % blocksize == 0)."""
+                                nested_code=None, offset=None, split_n=None, config=None) -> torch.Tensor:
+    """out [M, K] = g2 [M, N] @ W with the fused kernel (K % blocksize == 0); N split like the
+    forward's K when the output alone has too few tiles for a full wave."""
     assert K % blocksize == 0, "fused tiles need whole blocks per row"
     M = g2.shape[0]
-    block_k = min(64, blocksize)
-    cfg = dict(config or (dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k,
-                               num_warps=4, num_stages=4) if M <= SMALL_M else
-                          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)))
-    out = torch.empty(M, K, dtype=g2.dtype, device=g2.device)
+    cfg = dict(config or _grad_input_config(M, blocksize))
+    ctas_per_sm = cfg.pop("ctas_per_sm", 1)
+    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"])
+    n_steps = triton.cdiv(N, cfg["BLOCK_N"])
+    if split_n is None:
+        split_n = split_k_for(tiles, n_steps, g2.device, ctas_per_sm)
+    split_n, n_per_split = plan_split_k(split_n, n_steps, cfg["BLOCK_N"], N)
+    out = split_k_output(split_n, M, K, g2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"]),)
-    _nf4_linear_grad_input_kernel[grid](
-        g2, *weights, out, M, N, K, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
-        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(g2), GROUP_M=8, **cfg,
+    _nf4_linear_grad_input_kernel[(tiles, split_n)](
+        g2, *weights, out, M, N, K, K // 2, n_per_split, SPLIT_N=split_n, BLOCKSIZE=blocksize,
+        DOUBLE_QUANT=nested_absmax is not None, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(g2),
+        GROUP_M=8, **cfg,
     )
-    return out
+    return finish_split_k(out, split_n, None, g2.dtype)
 
 
 def nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
