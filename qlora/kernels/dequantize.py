@@ -142,17 +142,25 @@ def byte_limit(packed: torch.Tensor, n_bytes: int) -> int:
     return -(-(misalign + n_bytes) // 16) * 16 - misalign
 
 
+def _flat(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    # Only what is needed: each reshape or .to costs a microsecond of host time even when a no-op.
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    if t.device != device or (dtype is not None and t.dtype != dtype):
+        t = t.to(device=device, dtype=dtype or t.dtype)
+    return t
+
+
 def weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset):
     """Flat, on-device kernel arguments; placeholders for the unused nested tensors."""
-    device = packed.device
-    f32 = dict(device=device, dtype=torch.float32)
+    device, f32 = packed.device, torch.float32
     if nested_absmax is None:
-        absmax = absmax.reshape(-1).to(**f32)
+        absmax = _flat(absmax, device, f32)
         nested_absmax = nested_code = offset = absmax
     else:
-        absmax = absmax.reshape(-1).to(device)
-        nested_absmax, nested_code, offset = (t.reshape(-1).to(**f32) for t in (nested_absmax, nested_code, offset))
-    return packed.reshape(-1), absmax, nested_absmax, nested_code, offset, quant_map.reshape(-1).to(**f32)
+        absmax = _flat(absmax, device)
+        nested_absmax, nested_code, offset = (_flat(t, device, f32) for t in (nested_absmax, nested_code, offset))
+    return _flat(packed, device), absmax, nested_absmax, nested_code, offset, _flat(quant_map, device, f32)
 
 
 def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
@@ -162,7 +170,7 @@ def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
         return torch.empty(0, dtype=dtype, device=packed.device)
     n_blocks = -(-numel // blocksize)
     per_tile = max(1, DEQUANT_TILE_BYTES // (blocksize // 2))
-    tiles = triton.cdiv(n_blocks, per_tile)
+    tiles = backend.cdiv(n_blocks, per_tile)
     out = torch.empty(tiles * per_tile * blocksize, dtype=dtype, device=packed.device)
     _dequantize_kernel[(min(tiles, DEQUANT_PROGRAMS_PER_SM * backend.sm_count(packed.device)),)](
         *weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset), out,

@@ -33,7 +33,7 @@ def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, in
     clamped to 1..k_steps, then recounted so that no split is empty."""
     split_k = max(1, min(split_k, k_steps))
     k_per_split = (k_steps // split_k) * step  # rounded down: at least split_k splits, none empty
-    return triton.cdiv(K, k_per_split), k_per_split
+    return backend.cdiv(K, k_per_split), k_per_split
 
 
 def split_k_output(split_k: int, M: int, N: int, x2: torch.Tensor) -> torch.Tensor:
@@ -117,8 +117,8 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
         block_n = 32 if M == 1 else 16
     blocks_k = max(1, 256 // blocksize)  # >= 256 elements of each row per step
     step = blocks_k * blocksize
-    k_steps = triton.cdiv(K, step)
-    tiles = triton.cdiv(N, block_n)
+    k_steps = backend.cdiv(K, step)
+    tiles = backend.cdiv(N, block_n)
     if split_k is None:
         split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm=3)  # 3 fit at 128..166 registers
     split_k, k_per_split = plan_split_k(split_k, k_steps, step, K)
@@ -126,7 +126,7 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_gemv_kernel[(tiles, split_k)](
         x2, *weights, bias if bias is not None else x2, out, M, N, K, K // 2, k_per_split,
-        M_PAD=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCKS_K=blocks_k, BLOCKSIZE=blocksize,
+        M_PAD=backend.next_power_of_2(M), BLOCK_N=block_n, BLOCKS_K=blocks_k, BLOCKSIZE=blocksize,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), num_warps=4,
     )

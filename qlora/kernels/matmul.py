@@ -169,7 +169,7 @@ def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_p
 def _fused_config(M: int, blocksize: int):
     block_k = min(64, blocksize)
     if M <= SMALL_M:
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4,
+        return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4,
                     ctas_per_sm=6 if M <= 16 else 4)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=1)
 
@@ -177,7 +177,7 @@ def _fused_config(M: int, blocksize: int):
 def _grad_input_config(M: int, blocksize: int):
     block_k = min(64, blocksize)
     if M <= SMALL_M:
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4,
+        return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4,
                     num_stages=4, ctas_per_sm=5 if M <= 16 else 4)
     return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=3)
 
@@ -189,7 +189,7 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
     M = x2.shape[0]
     cfg = dict(config or _fused_config(M, blocksize))
     cfg.setdefault("ctas_per_sm", 1)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = backend.cdiv(M, cfg["BLOCK_M"]) * backend.cdiv(N, cfg["BLOCK_N"])
     k_steps = K // cfg["BLOCK_K"]
     ctas_per_sm = cfg.pop("ctas_per_sm")
     if split_k is None:
@@ -213,8 +213,8 @@ def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, 
     M = g2.shape[0]
     cfg = dict(config or _grad_input_config(M, blocksize))
     ctas_per_sm = cfg.pop("ctas_per_sm", 1)
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"])
-    n_steps = triton.cdiv(N, cfg["BLOCK_N"])
+    tiles = backend.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"])
+    n_steps = backend.cdiv(N, cfg["BLOCK_N"])
     if split_n is None:
         split_n = split_k_for(tiles, n_steps, g2.device, ctas_per_sm)
     split_n, n_per_split = plan_split_k(split_n, n_steps, cfg["BLOCK_N"], N)
@@ -316,11 +316,46 @@ def _backward(ctx, grad):
 _nf4_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerNF4Linear(torch.autograd.Function):
+    """The op's autograd, for eager mode: the implementations called directly. torch.library's
+    custom-op dispatch and autograd wrapper cost about 30 us of CPU per op on the 2-core machine
+    (bench/host_overhead.py), as much as the launch work itself; torch.compile still sees the ops."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *weight):
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return backend.run_chosen(_nf4_linear_op_choice, (x, *weight, bias))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = backend.run_chosen(_nf4_linear_grad_input_op_choice, (grad, *ctx.weight))
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (grad_x, grad_bias) + (None,) * len(ctx.weight)
+
+
+def _nf4_linear_op_choice(use_triton: bool):
+    return nf4_linear_triton if use_triton else nf4_linear_reference
+
+
+def _nf4_linear_grad_input_op_choice(use_triton: bool):
+    return nf4_linear_grad_input_triton if use_triton else nf4_linear_grad_input_reference
+
+
 def nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksize,
                nested_absmax=None, nested_code=None, offset=None, bias=None) -> torch.Tensor:
-    """Dispatching entry point: x [..., in] @ W^T (+ bias) -> [..., out], in x's dtype."""
-    return torch.ops.qlora.nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksize,
-                                      nested_absmax, nested_code, offset, bias)
+    """Dispatching entry point: x [..., in] @ W^T (+ bias) -> [..., out], in x's dtype. Eager mode
+    calls the implementation (through _EagerNF4Linear when a gradient is wanted); under
+    torch.compile the op stays one opaque node of the graph."""
+    weight = (packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset)
+    if torch.compiler.is_compiling():
+        return torch.ops.qlora.nf4_linear(x, *weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _EagerNF4Linear.apply(x, bias, *weight)
+    return backend.run_chosen(_nf4_linear_op_choice, (x, *weight, bias))
 
 
 def nf4_linear_grad_input(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
