@@ -9,7 +9,7 @@ import functools
 
 import torch
 
-from qlora.codebook import dynamic_map, nf4_thresholds
+from qlora.codebook import dynamic_map, nf4_thresholds, quant_table
 from qlora.kernels import backend
 
 from qlora.kernels.backend import tl, triton
@@ -22,6 +22,12 @@ NESTED_BLOCKSIZE = 256
 def check_blocksize(blocksize: int) -> None:
     if not isinstance(blocksize, int) or blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
         raise ValueError(f"blocksize must be a power of two from 32 to 4096, got {blocksize!r}")
+
+
+def count_nonfinite(x: torch.Tensor) -> int:
+    """NaN and Inf elements of x, counted a chunk at a time (no temporary of x's size)."""
+    flat = x.detach().reshape(-1)
+    return sum(int((~torch.isfinite(flat[i:i + REFERENCE_CHUNK])).sum()) for i in range(0, flat.numel(), REFERENCE_CHUNK))
 
 
 def quantize_nf4_blocks_reference(x: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +139,11 @@ def _nf4_code(y, table, SIZE: tl.constexpr, ON_GPU: tl.constexpr):
 
 
 @triton.jit
+def _max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_tile(x_ptr, table, packed_ptr, absmax_ptr, tile, numel, elem_limit, n_blocks,
                    BLOCKSIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, MASKED: tl.constexpr,
                    ON_GPU: tl.constexpr):
@@ -148,7 +159,9 @@ def _quantize_tile(x_ptr, table, packed_ptr, absmax_ptr, tile, numel, elem_limit
         x = tl.where(elem_idx < numel, x, 0.0)
     else:
         x = tl.load(x_ptr + elem_idx).to(tl.float32)
-    absmax = tl.max(tl.abs(x), axis=1)
+    # A NaN anywhere makes the block's absmax NaN (as torch's amax): quantize_nf4 checks the
+    # scales, 1/blocksize of the input, for NaN and Inf instead of reading the input twice.
+    absmax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
     # IEEE reciprocal (div.rn, not the approximate one): the thresholds are compared exactly.
     # An all-zero block gets 1/0 = inf and y = 0 * inf = NaN, which exceeds no threshold: code 0.
     y = x * tl.div_rn(tl.full([BLOCKS_PER_TILE], 1.0, tl.float32), absmax)[:, None]
@@ -176,6 +189,13 @@ def _quantize_kernel(x_ptr, bin_table_ptr, packed_ptr, absmax_ptr, numel, elem_l
         if tl.program_id(0) == full_tiles % tl.num_programs(0):
             _quantize_tile(x_ptr, table, packed_ptr, absmax_ptr, full_tiles, numel, elem_limit, n_blocks,
                            BLOCKSIZE, BLOCKS_PER_TILE, True, ON_GPU)
+
+
+@functools.lru_cache(maxsize=None)
+def device_code_table(name: str, device: torch.device) -> torch.Tensor:
+    """A 4-bit type's 16 values ("nf4", "fp4") or the dynamic map ("dynamic") on device, copied there
+    once: callers clone it (a device-side copy) instead of copying from pageable host memory each time."""
+    return (dynamic_map() if name == "dynamic" else quant_table(name)).to(device)
 
 
 @functools.lru_cache(maxsize=None)
