@@ -166,3 +166,20 @@ def test_split_rule_fills_a_wave(monkeypatch):
         splits, per_split = G.plan_split_k(split, k_steps, 64, k_steps * 64)
         assert tiles * splits >= min(ctas * 132, tiles * k_steps)
         assert (splits - 1) * per_split < k_steps * 64  # the last split is not empty
+
+
+def test_large_m_model_and_one_scratch_buffer(poison):
+    from qlora.kernels import large_m
+    # The documented crossing: fused tiles up to a few hundred rows, dequantise + cuBLAS at 4096.
+    assert large_m.prefer_fused(128, 4096, 4096) and not large_m.prefer_fused(4096, 4096, 4096)
+    assert large_m.prefer_fused(128, 4096, 4096, "grad_input")
+    assert not large_m.prefer_fused(4096, 11008, 4096, "grad_input")
+    # Two layers' weights dequantise into the same buffer (one per device), with the right results.
+    first, w1 = make_weight(40, 128, 64, seed=1)
+    second, w2 = make_weight(24, 192, 64, seed=2)
+    x1, x2 = inputs(5, 128, torch.bfloat16), inputs(5, 192, torch.bfloat16)
+    y1 = MM.nf4_linear_dequant_matmul(x1, *first)
+    buffer = large_m._scratch[torch.device("cpu")]
+    y2 = MM.nf4_linear_dequant_matmul(x2, *second)
+    assert large_m._scratch[torch.device("cpu")].data_ptr() == buffer.data_ptr()
+    assert rel_err(y1, x1.double() @ w1.T) <= 1e-2 and rel_err(y2, x2.double() @ w2.T) <= 1e-2

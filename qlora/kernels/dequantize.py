@@ -164,14 +164,16 @@ def weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset):
 
 
 def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
-                          nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
-    """Triton version of dequantize_nf4: one launch, the nested absmax decoded inside it."""
+                          nested_absmax=None, nested_code=None, offset=None, scratch=None) -> torch.Tensor:
+    """Triton version of dequantize_nf4: one launch, the nested absmax decoded inside it. With
+    scratch(numel, dtype, device) given, the output lives in the buffer it returns."""
     if numel == 0:
         return torch.empty(0, dtype=dtype, device=packed.device)
     n_blocks = -(-numel // blocksize)
     per_tile = max(1, DEQUANT_TILE_BYTES // (blocksize // 2))
     tiles = backend.cdiv(n_blocks, per_tile)
-    out = torch.empty(tiles * per_tile * blocksize, dtype=dtype, device=packed.device)
+    padded = tiles * per_tile * blocksize
+    out = (scratch or torch.empty)(padded, dtype=dtype, device=packed.device)
     _dequantize_kernel[(min(tiles, DEQUANT_PROGRAMS_PER_SM * backend.sm_count(packed.device)),)](
         *weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset), out,
         byte_limit(packed, (numel + 1) // 2), n_blocks, tiles,

@@ -8,22 +8,19 @@ they are (no transposed copy). Which kernel runs, for x with M rows (see also ge
   M <= GEMV_MAX_M      gemv.py: CUDA cores, every 4-bit weight read once, split-K.
   M <= SMALL_M         fused tiles (dequantise in registers, tl.dot) with BLOCK_M 16..64 and
                        split-K: still one read of W, the tensor cores do the multiply-adds.
-  otherwise            fused tiles, 128 x 128.
+  otherwise            fused tiles, 128 x 128, split to fill a wave, while large_m.py's cost model
+                       puts them at or below dequantise-to-scratch + cuBLAS; beyond, that.
 
-Why fused for large M rather than dequantise-to-scratch + cuBLAS (the issue allows either, by
-measurement): UNMEASURED here (no GPU in this session); chosen by REFERENCE section 7's physics.
-Dequantise + cuBLAS writes and reads a bf16 copy of W on top of cuBLAS's own time: about
-1 + 336/M of the bf16 time, 1.08x at M = 4096, over the 1.02x target even with a perfect
-dequantise. Fused tiles move only the 4-bit bytes, so their floor is the bf16 time; their risk is
-the in-register decode (~5 instructions per weight element per BLOCK_M rows of x) and Triton's
-matmul efficiency against cuBLAS. bench/kernels.py times both (the `dequant+cuBLAS` column) so that
-the first GPU run can confirm the rule or move the threshold.
+Large M is chosen by a model until a GPU measures both paths (bench/kernels.py times the
+`dequant+cuBLAS` column beside the fused one): the sm_90a build (bench/sass_report.py) shows the
+fused decode not overlapped with the wgmma, ~8-13 instructions per weight element per 128 rows of
+x, which at M = 4096 costs more than writing and reading one bf16 copy of W at copy speed.
 """
 from __future__ import annotations
 
 import torch
 
-from qlora.kernels import backend
+from qlora.kernels import backend, large_m
 from qlora.kernels.dequantize import _block_scales, _decode_bytes, _pair_table, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
 from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
@@ -230,10 +227,10 @@ def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, 
 
 def nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
                               nested_code=None, offset=None, bias=None, transpose=False) -> torch.Tensor:
-    """Dequantise W with the Triton kernel, then cuBLAS: any K (blocks may straddle rows).
-    The caching allocator hands the same scratch block back call after call."""
+    """Dequantise W with the Triton kernel into the device's one scratch buffer (large_m.scratch),
+    then cuBLAS: any K (blocks may straddle rows)."""
     w = dequantize_nf4_triton(packed, absmax, quant_map, N * K, blocksize, x2.dtype,
-                              nested_absmax, nested_code, offset).view(N, K)
+                              nested_absmax, nested_code, offset, scratch=large_m.scratch).view(N, K)
     return x2 @ w if transpose else torch.nn.functional.linear(x2, w, bias)
 
 
@@ -246,9 +243,9 @@ def nf4_linear_triton(x, packed, absmax, quant_map, out_features, in_features, b
         out = x2.new_empty(0, N)
     elif M <= GEMV_MAX_M and not K % blocksize:
         out = nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
-    elif K % blocksize or x2.dtype == torch.float32:
+    elif K % blocksize or x2.dtype == torch.float32 or not large_m.prefer_fused(M, N, K, "forward"):
         # float32 skips the fused tiles: tl.dot would round its inputs to TF32, while cuBLAS follows
-        # torch's TF32 setting (off by default), as F.linear does.
+        # torch's TF32 setting (off by default), as F.linear does. Large M: see large_m.py.
         out = nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize,
                                         nested_absmax, nested_code, offset, bias)
     else:
@@ -262,7 +259,8 @@ def nf4_linear_grad_input_triton(grad_out, packed, absmax, quant_map, out_featur
     g2 = grad_out.reshape(-1, N).contiguous()
     if g2.shape[0] == 0:
         out = g2.new_empty(0, K)
-    elif K % blocksize or g2.dtype == torch.float32:  # float32: cuBLAS, not TF32 tiles (see above)
+    elif (K % blocksize or g2.dtype == torch.float32  # float32: cuBLAS, not TF32 tiles (see above)
+          or not large_m.prefer_fused(g2.shape[0], N, K, "grad_input")):
         out = nf4_linear_dequant_matmul(g2, packed, absmax, quant_map, N, K, blocksize,
                                         nested_absmax, nested_code, offset, transpose=True)
     else:
