@@ -246,6 +246,7 @@ class Row:
     loads: str
     stores: str
     mma: str
+    shuffles: int
     modelled_us: float
     floor_us: float
     bound: str
@@ -265,7 +266,8 @@ def binary_facts(launch: Launch) -> dict:
     return dict(kernel=launch.kernel.fn.__name__, regs=res.get("REG", 0),
                 spills=res.get("LOCAL", 0) + res.get("STACK", 0), shared=shared, ctas_per_sm=ctas,
                 sass_per_element=round(len(body) * threads / weight_elements_per_iteration(launch), 2),
-                loads=access_widths(body, "LDG"), stores=access_widths(body, "STG"), mma=mma_kind(instrs))
+                loads=access_widths(body, "LDG"), stores=access_widths(body, "STG"), mma=mma_kind(instrs),
+                shuffles=sum("SHFL" in i for i in body))
 
 
 def make_row(config: str, facts: dict, launch: Launch, work: dict) -> Row:
@@ -332,7 +334,7 @@ def configs(shapes, ms):
 def report(shapes=SHAPES, ms=MS, only: str = "") -> list[Row]:
     rows, facts = [], {}
     for config, op, work in configs(shapes, ms):
-        if only not in config:
+        if not any(part in config for part in only.split(",")):
             continue
         with recording() as launches:
             op()
@@ -361,7 +363,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES))
     parser.add_argument("--ms", default=",".join(map(str, MS)))
-    parser.add_argument("--only", default="", help="only the configs whose name contains this")
+    parser.add_argument("--only", default="", help="only the configs whose name contains one of these "
+                                                    "(comma-separated)")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     if not tools_available():

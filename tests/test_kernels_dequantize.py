@@ -165,3 +165,21 @@ def test_decode_reads_the_given_table(poison):
     got = D.dequantize_nf4_triton(packed, absmax, table, numel, 64, torch.float32)
     want = D.dequantize_nf4_reference(packed, absmax, table, numel, 64, torch.float32)
     assert same_bits(got, want)
+
+
+@triton.jit
+def _row_offsets_probe(rows_ptr, out_ptr, row_bytes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, ROWS))
+    offsets = D._row_byte_offsets(rows, row_bytes, tl.arange(0, COLS))
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], offsets)
+
+
+def test_row_byte_offsets_are_int64_past_2_to_31():
+    # The fused tiles address W's rows as row * (K / 2): the last rows of a 28672 x 300000 weight lie
+    # past 2**31 bytes. int32 row indices (as the kernels have them) must be widened before the product.
+    row_bytes = 150000
+    rows = torch.tensor([0, 1, 14316, 28671], dtype=torch.int32)
+    out = torch.empty(4, 8, dtype=torch.int64)
+    _row_offsets_probe[(1,)](rows, out, row_bytes, ROWS=4, COLS=8)
+    expected = rows.long()[:, None] * row_bytes + torch.arange(8)[None, :]
+    assert expected.max().item() > 2**31 and torch.equal(out, expected)

@@ -81,6 +81,12 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 
 @triton.jit
+def _row_byte_offsets(rows, row_bytes, cols):
+    """rows[:, None] * row_bytes + cols[None, :] in int64: a weight's rows reach past 2**31 bytes."""
+    return rows.to(tl.int64)[:, None] * row_bytes + cols[None, :]
+
+
+@triton.jit
 def _pair_table(qmap_ptr):
     """The 256 possible bytes decoded: bits of (quant_map[byte >> 4], quant_map[byte & 15]) in a uint64,
     high nibble's value in the high word. Built from quant_map at run time (any 16-entry table
@@ -113,7 +119,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
     TILE_BYTES: tl.constexpr = BLOCKS_PER_TILE * HALF
     table = _pair_table(qmap_ptr)
     for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
-        byte_idx = tl.cast(tile, tl.int64) * TILE_BYTES + tl.arange(0, TILE_BYTES)
+        byte_idx = _tile_ids(tile, TILE_BYTES)
         byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < byte_limit, other=0)
         hi, lo = _decode_bytes(table, byte)
         blocks = _tile_ids(tile, BLOCKS_PER_TILE)
@@ -121,7 +127,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_pt
                               blocks < n_blocks, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
         # High nibble is element 2i, low nibble 2i+1: interleaving restores the order.
         w = _mul_rn(tl.reshape(tl.interleave(hi, lo), [BLOCKS_PER_TILE, BLOCKSIZE]), scale[:, None], ON_GPU)
-        elem_idx = tl.cast(tile, tl.int64) * (TILE_BYTES * 2) + tl.arange(0, TILE_BYTES * 2)
+        elem_idx = _tile_ids(tile, TILE_BYTES * 2)
         tl.store(out_ptr + elem_idx, tl.reshape(_round_to(w, out_ptr.dtype.element_ty, ON_GPU), [TILE_BYTES * 2]))
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from qlora.kernels import backend, large_m
-from qlora.kernels.dequantize import _block_scales, _decode_bytes, _pair_table, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
+from qlora.kernels.dequantize import (_block_scales, _decode_bytes, _pair_table, _round_to, _row_byte_offsets,
+                                      dequantize_nf4, dequantize_nf4_triton, weight_args)
 from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
@@ -64,7 +65,7 @@ def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_p
     row_mask = rows < N
     # k0 is a multiple of BLOCK_K (the loops step by it from multiples of it): said, so loads stay wide.
     byte_cols = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    byte = tl.load(packed_ptr + rows[:, None] * row_bytes + byte_cols[None, :], mask=row_mask[:, None], other=0)
+    byte = tl.load(packed_ptr + _row_byte_offsets(rows, row_bytes, byte_cols), mask=row_mask[:, None], other=0)
     scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                           (rows * K + k0) // BLOCKSIZE, row_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
     hi, lo = _decode_bytes(table, tl.reshape(byte, [ROWS * (BLOCK_K // 2)]))
