@@ -297,13 +297,26 @@ class QuantLoRALinear(nn.Module):
         # no dequantised W lives between forward and backward.
         out = nf4_linear(h, self.nf4_weight, bias)
         if self.adapter_active:
-            lora_a = self.lora_A.weight.to(self.compute_dtype)
-            lora_b = self.lora_B.weight.to(self.compute_dtype)
+            lora_a, lora_b = self._adapter_in_compute_dtype()
             down = F.linear(self.lora_dropout(h), lora_a).reshape(-1, self.r)
             # addmm adds B's product into the base output inside the GEMM: no extra [M, out] temporary.
             out = torch.addmm(out.reshape(-1, self.out_features), down, lora_b.t(), alpha=self.scaling)
             out = out.view(*x.shape[:-1], self.out_features)
         return out.to(x.dtype)
+
+    def _adapter_in_compute_dtype(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in compute_dtype. Without autograd (generation), the cast of fp32 adapters is kept
+        until they change (their version counters), not redone every forward; with autograd, the
+        cast is part of the graph."""
+        a, b, dtype = self.lora_A.weight, self.lora_B.weight, self.compute_dtype
+        if (a.dtype == dtype and b.dtype == dtype) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return a.to(dtype), b.to(dtype)
+        key = (a._version, b._version, a.data_ptr(), b.data_ptr(), a.device, dtype,
+               torch.is_inference_mode_enabled())
+        cached = self.__dict__.get("_adapter_cast")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_adapter_cast"] = (key, a.to(dtype), b.to(dtype))
+        return cached[1], cached[2]
 
     @contextlib.contextmanager
     def disable_adapter(self):

@@ -8,10 +8,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from qlora.codebook import QUANT_TYPES, dynamic_map, quant_table
+from qlora.codebook import QUANT_TYPES
 from qlora.kernels import matmul
 from qlora.kernels.dequantize import dequantize_nf4
-from qlora.kernels.quantize import NESTED_BLOCKSIZE, check_blocksize, quantize_absmax, quantize_nf4_blocks
+from qlora.kernels.quantize import (NESTED_BLOCKSIZE, check_blocksize, count_nonfinite, device_code_table,
+                                   quantize_absmax, quantize_nf4_blocks)
 from qlora.kernels.quantize_fp4 import quantize_fp4_blocks
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -48,7 +49,7 @@ class NF4Weight:
 
     def __post_init__(self):
         if self.quant_map is None:
-            object.__setattr__(self, "quant_map", quant_table(self.quant_type).to(self.packed.device))
+            object.__setattr__(self, "quant_map", device_code_table(self.quant_type, self.packed.device).clone())
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
 
     @property
@@ -238,17 +239,21 @@ def quantize_nf4(
         raise ValueError(f"{name}: shape {list(w.shape)} is on the meta device and holds no values to quantise; "
                          "load or initialise it on a real device first")
     check_blocksize(blocksize)
-    if not allow_nonfinite and not bool(torch.isfinite(w).all()):
-        bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{name}: shape {list(w.shape)} holds {bad} NaN/Inf values")
     if quant_type not in _BLOCK_QUANTIZERS:
         raise ValueError(f"{name}: quant_type must be {' or '.join(map(repr, QUANT_TYPES))}, got {quant_type!r}")
     packed, absmax = _BLOCK_QUANTIZERS[quant_type](w.detach(), blocksize)
+    # NaN or Inf shows in its block's absmax (NF4's kernel keeps NaN in its max, as the references'
+    # amax does): checking the scales reads 1/blocksize of w and allocates nothing of w's size. FP4's
+    # kernel may drop a NaN from its max, so there the input itself is counted, a chunk at a time.
+    if not allow_nonfinite and (not bool(torch.isfinite(absmax).all()) if quant_type == "nf4"
+                                else count_nonfinite(w) > 0):
+        raise ValueError(f"{name}: shape {list(w.shape)} holds {count_nonfinite(w)} NaN/Inf values")
     fields = dict(packed=packed.view(-1, 1), absmax=absmax, shape=tuple(w.shape), dtype=w.dtype, blocksize=blocksize,
                   quant_type=quant_type)
     if double_quant:
         codes, nested_absmax, offset = quantize_absmax(absmax)
-        fields.update(absmax=codes, nested_absmax=nested_absmax, nested_code=dynamic_map().to(w.device), offset=offset)
+        fields.update(absmax=codes, nested_absmax=nested_absmax, nested_code=device_code_table("dynamic", w.device).clone(),
+                      offset=offset)
     return NF4Weight(**fields)
 
 

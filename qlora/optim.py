@@ -615,10 +615,14 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             params = [work[i][0] for i in combo["indices"]]
             grads = [work[i][1] for i in combo["indices"]]
             rows, param_align, grad_align = tensor_rows(params, grads)
-            table = torch.tensor(rows, dtype=torch.int64).view(-1, 3)
+            # The tensor table only changes when a parameter or gradient moves (a new param set is
+            # a new plan; the allocator usually hands gradients the same addresses): copied then only.
+            if combo.get("rows") != rows:
+                combo["rows"] = rows
+                combo["table"] = _to_device(torch.tensor(rows, dtype=torch.int64).view(-1, 3), store.device)
             combo_scalars = scalars[combo["index_tensor"]].to(torch.float32)
             launches.append((combo, params[0], grads[0], param_align, grad_align,
-                             _to_device(table, store.device), _to_device(combo_scalars, store.device)))
+                             combo["table"], _to_device(combo_scalars, store.device)))
 
         def update(pages: list[int]) -> None:
             # Consecutive pages are one chunk range: all-resident is one launch per dtype pair.

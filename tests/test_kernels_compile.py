@@ -110,27 +110,29 @@ SM90_CHECK = textwrap.dedent('''
     W = dict(packed_ptr="*u8", absmax_ptr="*u8", nested_absmax_ptr="*fp32", nested_code_ptr="*fp32",
              offset_ptr="*fp32", qmap_ptr="*fp32")
     common = dict(DOUBLE_QUANT=True, NESTED_BLOCKSIZE=256, ON_GPU=True)
-    deq = build(D._dequantize_kernel, dict(W, out_ptr="*bf16", numel="i64", n_blocks="i64"),
-                dict(BLOCKSIZE=64, BLOCKS_PER_PROGRAM=64, **common), num_warps=4)
+    deq = build(D._dequantize_kernel, dict(W, out_ptr="*bf16", byte_limit="i64", n_blocks="i64", n_tiles="i32"),
+                dict(BLOCKSIZE=64, BLOCKS_PER_TILE=64, **common), num_warps=4)
     # The nested absmax must be decoded with two roundings: no fused multiply-add anywhere.
     assert "mul.rn.f32" in deq.asm["ptx"] and "FFMA" not in sass(deq), "contracted absmax decode"
-    quant = build(Q._quantize_kernel, dict(x_ptr="*bf16", thresholds_ptr="*fp32", packed_ptr="*u8",
-                  absmax_ptr="*fp32", numel="i64", n_blocks="i64"), dict(BLOCKSIZE=64, BLOCKS_PER_PROGRAM=64),
-                  num_warps=4)
-    # IEEE reciprocal, not rcp.approx: the thresholds compare exactly.
+    quant = build(Q._quantize_kernel, dict(x_ptr="*bf16", bin_table_ptr="*i64", packed_ptr="*u8",
+                  absmax_ptr="*fp32", numel="i64", elem_limit="i64", n_blocks="i64", full_tiles="i32"),
+                  dict(BLOCKSIZE=64, BLOCKS_PER_TILE=64, HAS_TAIL=True, ON_GPU=True), num_warps=4)
+    # IEEE reciprocal, not rcp.approx: the thresholds compare exactly; NaN takes bin 0 by cvt.rzi's rule.
     assert "div.rn.f32" in quant.asm["ptx"] and "rcp.approx" not in quant.asm["ptx"]
+    assert "cvt.rzi.s32.f32" in quant.asm["ptx"]
     build(Q._quantize_absmax_kernel, dict(absmax_ptr="*fp32", offset_ptr="*fp32", midpoints_ptr="*fp32",
           codes_ptr="*u8", nested_absmax_ptr="*fp32", n="i32"), dict(NESTED_BLOCKSIZE=256), num_warps=4)
     for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)):
         opts = dict(num_warps=4 if cfg["BLOCK_M"] == 16 else 8, num_stages=3)
         fwd = build(MM._nf4_linear_kernel, dict(x_ptr="*bf16", **W, bias_ptr="*bf16", out_ptr="*bf16", M="i32",
-                    N="i32", K="i32", k_per_split="i32"),
+                    N="i32", K="i32", row_bytes="i32", k_per_split="i32"),
                     dict(HAS_BIAS=True, SPLIT_K=1, BLOCKSIZE=64, GROUP_M=8, **common, **cfg), **opts)
         assert "wgmma" in fwd.asm["ptx"] or "mma.sync" in fwd.asm["ptx"]
-        build(MM._nf4_linear_grad_input_kernel, dict(g_ptr="*bf16", **W, out_ptr="*bf16", M="i32", N="i32",
-              K="i32"), dict(BLOCKSIZE=64, GROUP_M=8, **common, **cfg), **opts)
+        build(MM._nf4_linear_grad_input_kernel, dict(g_ptr="*bf16", **W, out_ptr="*fp32", M="i32", N="i32",
+              K="i32", row_bytes="i32", n_per_split="i32"), dict(SPLIT_N=2, BLOCKSIZE=64, GROUP_M=8, **common, **cfg),
+              **opts)
     build(G._nf4_gemv_kernel, dict(x_ptr="*fp16", **W, bias_ptr="*fp16", out_ptr="*fp32", M="i32", N="i32",
-          K="i32", k_per_split="i32"), dict(M_PAD=4, BLOCK_N=8, BLOCKS_K=4, BLOCKSIZE=64, HAS_BIAS=False,
+          K="i32", row_bytes="i32", k_per_split="i32"), dict(M_PAD=4, BLOCK_N=8, BLOCKS_K=4, BLOCKSIZE=64, HAS_BIAS=False,
           SPLIT_K=2, **common), num_warps=4)
     print("sm_90 ok")
 ''')

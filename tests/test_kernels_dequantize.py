@@ -127,3 +127,59 @@ def test_tile_ids_are_int64_past_2_to_31():
     expected = torch.arange(size, dtype=torch.int64) + pid * size
     assert expected[-1].item() > 2**31
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("blocksize", [64, 4096])
+def test_persistent_programs_take_several_tiles(poison, monkeypatch, blocksize):
+    # One SM's worth of programs (3) for 5 tiles: programs loop; the last tile is partial.
+    monkeypatch.setattr(backend, "sm_count", lambda device: 1)
+    numel = 4 * D.DEQUANT_TILE_BYTES * 2 + 3 * blocksize + 7
+    packed, absmax, nested_absmax, nested_code, offset = make_weight(numel, blocksize, True, seed=3)
+    assert -(-numel // (D.DEQUANT_TILE_BYTES * 2)) > D.DEQUANT_PROGRAMS_PER_SM
+    got = D.dequantize_nf4_triton(packed, absmax, nf4_codebook(), numel, blocksize, torch.bfloat16,
+                                  nested_absmax, nested_code, offset)
+    assert same_bits(got, reference(packed, absmax, nested_absmax, nested_code, offset, numel, blocksize,
+                                    torch.bfloat16))
+
+
+@pytest.mark.parametrize("shift", [1, 5, 16])
+def test_packed_not_16_byte_aligned(poison, shift):
+    # byte_limit rounds the readable bytes to the 16-byte segments of the data as it lies in memory.
+    numel = 64 * 21 + 3
+    packed, absmax, *_ = make_weight(numel, 64, False, seed=4)
+    storage = torch.zeros(packed.numel() + shift, dtype=torch.uint8)
+    storage[shift:] = packed
+    view = storage[shift:]
+    assert view.data_ptr() % 16 == shift % 16
+    assert D.byte_limit(view, packed.numel()) >= packed.numel()
+    assert (view.data_ptr() + D.byte_limit(view, packed.numel())) % 16 == 0
+    got = D.dequantize_nf4_triton(view, absmax, nf4_codebook(), numel, 64, torch.float32)
+    assert same_bits(got, reference(packed, absmax, None, None, None, numel, 64, torch.float32))
+
+
+def test_decode_reads_the_given_table(poison):
+    # Any 16-entry table decodes (FP4 reuses these kernels with its own): a permuted, rescaled one.
+    numel = 64 * 9
+    packed, absmax, *_ = make_weight(numel, 64, False, seed=5)
+    table = nf4_codebook().flip(0) * 0.75
+    got = D.dequantize_nf4_triton(packed, absmax, table, numel, 64, torch.float32)
+    want = D.dequantize_nf4_reference(packed, absmax, table, numel, 64, torch.float32)
+    assert same_bits(got, want)
+
+
+@triton.jit
+def _row_offsets_probe(rows_ptr, out_ptr, row_bytes, ROWS: tl.constexpr, COLS: tl.constexpr):
+    rows = tl.load(rows_ptr + tl.arange(0, ROWS))
+    offsets = D._row_byte_offsets(rows, row_bytes, tl.arange(0, COLS))
+    tl.store(out_ptr + tl.arange(0, ROWS)[:, None] * COLS + tl.arange(0, COLS)[None, :], offsets)
+
+
+def test_row_byte_offsets_are_int64_past_2_to_31():
+    # The fused tiles address W's rows as row * (K / 2): the last rows of a 28672 x 300000 weight lie
+    # past 2**31 bytes. int32 row indices (as the kernels have them) must be widened before the product.
+    row_bytes = 150000
+    rows = torch.tensor([0, 1, 14316, 28671], dtype=torch.int32)
+    out = torch.empty(4, 8, dtype=torch.int64)
+    _row_offsets_probe[(1,)](rows, out, row_bytes, ROWS=4, COLS=8)
+    expected = rows.long()[:, None] * row_bytes + torch.arange(8)[None, :]
+    assert expected.max().item() > 2**31 and torch.equal(out, expected)

@@ -145,3 +145,41 @@ def test_float32_inputs_stay_float32(monkeypatch, M):
     assert rel_err(MM.nf4_linear_triton(x, *args), x.double() @ w64.T) <= 1e-6
     g = inputs(M, 70, torch.float32, seed=3)
     assert rel_err(MM.nf4_linear_grad_input_triton(g, *args), g.double() @ w64) <= 1e-6
+
+
+@pytest.mark.parametrize("M", [17, 130])
+@pytest.mark.parametrize("split_n", [3])
+def test_grad_input_split_n(poison, M, split_n):
+    # The input gradient splits N (its reduction) when its output has too few tiles for a wave.
+    args, w64 = make_weight(200, 64 * 3, 64)
+    g = inputs(M, 200, torch.bfloat16)
+    got = MM.nf4_linear_grad_input_fused(g, *args, split_n=split_n)
+    assert got.shape == (M, 64 * 3) and got.dtype == torch.bfloat16
+    assert rel_err(got, g.double() @ w64) <= 1e-2
+
+
+def test_split_rule_fills_a_wave(monkeypatch):
+    # At least ctas_per_sm programs on each of 132 SMs when K allows, and no split left empty.
+    monkeypatch.setattr(G.backend, "sm_count", lambda device: 132)
+    for tiles, k_steps, ctas in [(32, 64, 1), (64, 64, 4), (7, 128, 6), (4, 16, 3), (600, 64, 1)]:
+        split = G.split_k_for(tiles, k_steps, torch.device("cpu"), ctas)
+        splits, per_split = G.plan_split_k(split, k_steps, 64, k_steps * 64)
+        assert tiles * splits >= min(ctas * 132, tiles * k_steps)
+        assert (splits - 1) * per_split < k_steps * 64  # the last split is not empty
+
+
+def test_large_m_model_and_one_scratch_buffer(poison):
+    from qlora.kernels import large_m
+    # The documented crossing: fused tiles up to a few hundred rows, dequantise + cuBLAS at 4096.
+    assert large_m.prefer_fused(128, 4096, 4096) and not large_m.prefer_fused(4096, 4096, 4096)
+    assert large_m.prefer_fused(128, 4096, 4096, "grad_input")
+    assert not large_m.prefer_fused(4096, 11008, 4096, "grad_input")
+    # Two layers' weights dequantise into the same buffer (one per device), with the right results.
+    first, w1 = make_weight(40, 128, 64, seed=1)
+    second, w2 = make_weight(24, 192, 64, seed=2)
+    x1, x2 = inputs(5, 128, torch.bfloat16), inputs(5, 192, torch.bfloat16)
+    y1 = MM.nf4_linear_dequant_matmul(x1, *first)
+    buffer = large_m._scratch[torch.device("cpu")]
+    y2 = MM.nf4_linear_dequant_matmul(x2, *second)
+    assert large_m._scratch[torch.device("cpu")].data_ptr() == buffer.data_ptr()
+    assert rel_err(y1, x1.double() @ w1.T) <= 1e-2 and rel_err(y2, x2.double() @ w2.T) <= 1e-2

@@ -98,3 +98,37 @@ def test_entry_points_dispatch(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(Q.quantize_absmax(got[1]), Q.quantize_absmax_reference(want[1])))
     with pytest.raises(ValueError, match="blocksize"):
         Q.quantize_nf4_blocks(x, 48)
+
+
+def test_codes_on_a_dense_grid_and_at_bin_edges():
+    # The kernel finds a code from its bin (Q.CODE_BINS of [-1, 1]) and the one threshold in it:
+    # every bin edge, one ulp either side, and a dense grid, against counting the thresholds.
+    edges = torch.arange(Q.CODE_BINS + 1, dtype=torch.float32) * (2 / Q.CODE_BINS) - 1
+    around = torch.cat([edges, torch.nextafter(edges, edges - 1), torch.nextafter(edges, edges + 1)])
+    values = torch.cat([around, torch.linspace(-1, 1, 3001)]).clamp(-1, 1)
+    values = torch.nn.functional.pad(values, (0, -values.numel() % 63))
+    x = torch.cat([torch.ones(values.numel() // 63, 1), values.view(-1, 63)], dim=1).flatten()  # absmax 1
+    packed, absmax = Q.quantize_nf4_blocks_triton(x, 64)
+    assert (absmax == 1).all()
+    codes = torch.stack([packed >> 4, packed & 0xF], dim=1).flatten().long()
+    assert torch.equal(codes, (x[:, None] > nf4_thresholds()[None, :]).sum(dim=1))
+
+
+def test_persistent_programs_and_partial_last_tile(poison, monkeypatch):
+    # 4 programs (one SM's worth) for 5 whole tiles and a partial one, from an input not 16-byte aligned.
+    monkeypatch.setattr(Q.backend, "sm_count", lambda device: 1)
+    numel = 5 * Q.QUANT_TILE + 64 * 3 + 37
+    x = random_input(numel + 3, torch.bfloat16, 64, seed=7)[3:]
+    assert x.data_ptr() % 16 and -(-numel // Q.QUANT_TILE) > Q.QUANT_PROGRAMS_PER_SM
+    packed, absmax = Q.quantize_nf4_blocks_triton(x, 64)
+    want_packed, want_absmax = Q.quantize_nf4_blocks_reference(x, 64)
+    assert torch.equal(packed, want_packed) and torch.equal(absmax, want_absmax)
+
+
+def test_bin_table_is_the_thresholds():
+    table = Q.nf4_bin_table()
+    thresholds = (table >> 32).to(torch.int32).view(torch.float32)
+    assert torch.equal(thresholds[torch.isfinite(thresholds)], nf4_thresholds())
+    below = table & 0xFFFFFFFF
+    edges = torch.arange(64, dtype=torch.float64) * (2 / Q.CODE_BINS) - 1
+    assert torch.equal(below, (nf4_thresholds().double()[None, :] < edges[:, None]).sum(1))

@@ -11,6 +11,7 @@ TRITON_INTERPRET=1 set by hand, and then every kernel is interpreted.)
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -73,6 +74,37 @@ def on_gpu(t: torch.Tensor) -> bool:
     return t.is_cuda and not INTERPRET
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for the host side of a launch (triton.cdiv is a JIT function: slow from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of device (asked once per device). The interpreter pretends to a
+    small machine, so that small test shapes take the split-K and persistent paths."""
+    if device.type != "cuda":
+        return 2
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def run_chosen(choose, args):
+    """choose(use_triton(args[0]))(*args), launched on args[0]'s GPU (not whichever is current)."""
+    first = args[0]
+    if first.is_cuda and first.device.index != torch.cuda.current_device():
+        with torch.cuda.device(first.device):
+            return choose(use_triton(first))(*args)
+    return choose(use_triton(first))(*args)
+
+
 def dispatching_op(name: str, schema: str, fake):
     """Decorator: the torch.library op qlora::name from `choose(use_triton) -> implementation`.
 
@@ -81,11 +113,7 @@ def dispatching_op(name: str, schema: str, fake):
     which keeps the op in the graph as one opaque node. Returns the op, for register_autograd."""
     def register(choose):
         def run(*args):
-            first = args[0]
-            if first.is_cuda:  # launch on the tensors' GPU, not whichever is current
-                with torch.cuda.device(first.device):
-                    return choose(use_triton(first))(*args)
-            return choose(use_triton(first))(*args)
+            return run_chosen(choose, args)
 
         op = torch.library.custom_op(f"qlora::{name}", run, mutates_args=(), schema=schema)
         op.register_fake(fake)

@@ -81,57 +81,112 @@ def _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, bl
 
 
 @triton.jit
+def _row_byte_offsets(rows, row_bytes, cols):
+    """rows[:, None] * row_bytes + cols[None, :] in int64: a weight's rows reach past 2**31 bytes."""
+    return rows.to(tl.int64)[:, None] * row_bytes + cols[None, :]
+
+
+@triton.jit
+def _pair_table(qmap_ptr):
+    """The 256 possible bytes decoded: bits of (quant_map[byte >> 4], quant_map[byte & 15]) in a uint64,
+    high nibble's value in the high word. Built from quant_map at run time (any 16-entry table
+    decodes: NF4, FP4), once per program, so that each byte costs one lookup and no interleave."""
+    byte = tl.arange(0, 256)
+    hi = tl.load(qmap_ptr + (byte >> 4)).to(tl.uint32, bitcast=True).to(tl.uint64)
+    lo = tl.load(qmap_ptr + (byte & 15)).to(tl.uint32, bitcast=True).to(tl.uint64)
+    return (hi << 32) | lo
+
+
+@triton.jit
+def _decode_bytes(table, byte):
+    """(value of the high nibble, value of the low nibble) of each byte, float32, via _pair_table."""
+    pair = tl.gather(table, byte.to(tl.int32), 0)
+    hi = (pair >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+    lo = pair.to(tl.uint32).to(tl.float32, bitcast=True)
+    return hi, lo
+
+
+@triton.jit
 def _dequantize_kernel(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                       out_ptr, numel, n_blocks,
-                       BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                       out_ptr, byte_limit, n_blocks, n_tiles,
+                       BLOCKSIZE: tl.constexpr, BLOCKS_PER_TILE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                        NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
-    # A [blocks, bytes-of-a-block] tile: one scale per row, broadcast along it.
+    # Persistent: each program builds the byte table once, then takes every num_programs-th tile of
+    # whole blocks: bytes [BLOCKS * HALF] in, elements [BLOCKS * BLOCKSIZE] out. The output is padded
+    # to whole tiles (no store mask) and the byte mask covers whole 16-byte segments (see byte_limit):
+    # loads and stores stay 16 bytes wide.
     HALF: tl.constexpr = BLOCKSIZE // 2
-    blocks = _tile_ids(tl.program_id(0), BLOCKS_PER_PROGRAM)
-    block_mask = blocks < n_blocks
-    byte_idx = blocks[:, None] * HALF + tl.arange(0, HALF)[None, :]
-    byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < (numel + 1) // 2, other=0)
-    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, block_mask,
-                          DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
-    # High nibble is element 2i, low nibble 2i+1: interleaving restores the order.
-    hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
-    lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
-    w = tl.interleave(hi, lo) * scale[:, None]
-    elem_idx = blocks[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
-    tl.store(out_ptr + elem_idx, _round_to(w, out_ptr.dtype.element_ty, ON_GPU), mask=elem_idx < numel)
+    TILE_BYTES: tl.constexpr = BLOCKS_PER_TILE * HALF
+    table = _pair_table(qmap_ptr)
+    for tile in range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        byte_idx = _tile_ids(tile, TILE_BYTES)
+        byte = tl.load(packed_ptr + byte_idx, mask=byte_idx < byte_limit, other=0)
+        hi, lo = _decode_bytes(table, byte)
+        blocks = _tile_ids(tile, BLOCKS_PER_TILE)
+        scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks,
+                              blocks < n_blocks, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        # High nibble is element 2i, low nibble 2i+1: interleaving restores the order.
+        w = _mul_rn(tl.reshape(tl.interleave(hi, lo), [BLOCKS_PER_TILE, BLOCKSIZE]), scale[:, None], ON_GPU)
+        elem_idx = _tile_ids(tile, TILE_BYTES * 2)
+        tl.store(out_ptr + elem_idx, tl.reshape(_round_to(w, out_ptr.dtype.element_ty, ON_GPU), [TILE_BYTES * 2]))
 
 
-# Bytes of packed input per program: 4096 outputs, enough to keep HBM busy, few enough to fill the SMs.
-DEQUANT_TILE_BYTES = 2048
+# Bytes of packed input per tile: 16384 outputs, 128 per thread of 4 warps. Fewer per thread and the
+# per-tile work (block scales, layout changes) pushes the sm_90a loop past 4 instructions per element
+# (bench/sass_report.py: 4.14 at 4096 bytes, 3.92 here); the cost is 162 registers, 3 programs per SM.
+DEQUANT_TILE_BYTES = 8192
+# Programs per SM of the persistent dequantise: what fits at once (see above), 12 warps with 32 KB in flight.
+DEQUANT_PROGRAMS_PER_SM = 3
+DEQUANT_WARPS = 4
+
+
+def byte_limit(packed: torch.Tensor, n_bytes: int) -> int:
+    """Bytes a kernel may read from packed: n_bytes rounded up to the end of the last 16-byte
+    segment in memory. A 16-byte aligned segment never crosses a page, so the extra bytes are
+    readable (and never used); a multiple of 16 lets the loads stay 16 bytes wide."""
+    misalign = packed.data_ptr() % 16
+    return -(-(misalign + n_bytes) // 16) * 16 - misalign
+
+
+def _flat(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
+    # Only what is needed: each reshape or .to costs a microsecond of host time even when a no-op.
+    if t.dim() != 1:
+        t = t.reshape(-1)
+    if t.device != device or (dtype is not None and t.dtype != dtype):
+        t = t.to(device=device, dtype=dtype or t.dtype)
+    return t
 
 
 def weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset):
     """Flat, on-device kernel arguments; placeholders for the unused nested tensors."""
-    device = packed.device
-    f32 = dict(device=device, dtype=torch.float32)
+    device, f32 = packed.device, torch.float32
     if nested_absmax is None:
-        absmax = absmax.reshape(-1).to(**f32)
+        absmax = _flat(absmax, device, f32)
         nested_absmax = nested_code = offset = absmax
     else:
-        absmax = absmax.reshape(-1).to(device)
-        nested_absmax, nested_code, offset = (t.reshape(-1).to(**f32) for t in (nested_absmax, nested_code, offset))
-    return packed.reshape(-1), absmax, nested_absmax, nested_code, offset, quant_map.reshape(-1).to(**f32)
+        absmax = _flat(absmax, device)
+        nested_absmax, nested_code, offset = (_flat(t, device, f32) for t in (nested_absmax, nested_code, offset))
+    return _flat(packed, device), absmax, nested_absmax, nested_code, offset, _flat(quant_map, device, f32)
 
 
 def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
-                          nested_absmax=None, nested_code=None, offset=None) -> torch.Tensor:
-    """Triton version of dequantize_nf4: one launch, the nested absmax decoded inside it."""
-    out = torch.empty(numel, dtype=dtype, device=packed.device)
+                          nested_absmax=None, nested_code=None, offset=None, scratch=None) -> torch.Tensor:
+    """Triton version of dequantize_nf4: one launch, the nested absmax decoded inside it. With
+    scratch(numel, dtype, device) given, the output lives in the buffer it returns."""
     if numel == 0:
-        return out
+        return torch.empty(0, dtype=dtype, device=packed.device)
     n_blocks = -(-numel // blocksize)
-    per_program = max(1, DEQUANT_TILE_BYTES // (blocksize // 2))
-    _dequantize_kernel[(triton.cdiv(n_blocks, per_program),)](
-        *weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset), out, numel, n_blocks,
-        BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, DOUBLE_QUANT=nested_absmax is not None,
-        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(packed), num_warps=4,
+    per_tile = max(1, DEQUANT_TILE_BYTES // (blocksize // 2))
+    tiles = backend.cdiv(n_blocks, per_tile)
+    padded = tiles * per_tile * blocksize
+    out = (scratch or torch.empty)(padded, dtype=dtype, device=packed.device)
+    _dequantize_kernel[(min(tiles, DEQUANT_PROGRAMS_PER_SM * backend.sm_count(packed.device)),)](
+        *weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset), out,
+        byte_limit(packed, (numel + 1) // 2), n_blocks, tiles,
+        BLOCKSIZE=blocksize, BLOCKS_PER_TILE=per_tile, DOUBLE_QUANT=nested_absmax is not None,
+        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(packed), num_warps=DEQUANT_WARPS,
     )
-    return out
+    return out[:numel]
 
 
 def _dequantize_nf4_any_reference(packed, absmax, quant_map, numel, blocksize, dtype,

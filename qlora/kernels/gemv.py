@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from qlora.kernels import backend
-from qlora.kernels.dequantize import _block_scales, _round_to, weight_args
+from qlora.kernels.dequantize import _block_scales, _decode_bytes, _pair_table, _round_to, weight_args
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
 from qlora.kernels.backend import tl, triton
@@ -21,14 +21,10 @@ from qlora.kernels.backend import tl, triton
 GEMV_MAX_M = 4
 
 
-def _sm_count(device) -> int:
-    # The interpreter pretends to a small machine so that small test shapes take the split-K paths.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
-
-
-def split_k_for(tiles: int, k_steps: int, device) -> int:
-    """Enough K splits for about four programs per SM, when the output alone has too few tiles."""
-    want = 4 * _sm_count(device)
+def split_k_for(tiles: int, k_steps: int, device, ctas_per_sm: int = 4) -> int:
+    """Enough K splits for one full wave (ctas_per_sm programs on every SM), when the output alone
+    has too few tiles."""
+    want = ctas_per_sm * backend.sm_count(device)
     return max(1, min(k_steps, -(-want // tiles))) if tiles < want else 1
 
 
@@ -36,8 +32,8 @@ def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, in
     """(splits, elements of K per split) for split_k splits asked of k_steps steps of step elements:
     clamped to 1..k_steps, then recounted so that no split is empty."""
     split_k = max(1, min(split_k, k_steps))
-    k_per_split = triton.cdiv(k_steps, split_k) * step
-    return triton.cdiv(K, k_per_split), k_per_split
+    k_per_split = (k_steps // split_k) * step  # rounded down: at least split_k splits, none empty
+    return backend.cdiv(K, k_per_split), k_per_split
 
 
 def split_k_output(split_k: int, M: int, N: int, x2: torch.Tensor) -> torch.Tensor:
@@ -62,12 +58,15 @@ def finish_split_k(out: torch.Tensor, split_k: int, bias, dtype: torch.dtype) ->
 
 @triton.jit
 def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                     bias_ptr, out_ptr, M, N, K, k_per_split,
+                     bias_ptr, out_ptr, M, N, K, row_bytes, k_per_split,
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
     # Tiles: W bytes [BLOCK_N rows, BLOCKS_K blocks, bytes of a block]; x [M_PAD, BLOCKS_K, BLOCKSIZE].
+    # Each thread keeps its own partial sums (acc has the tile's shape): the one cross-lane
+    # reduction comes after the K loop.
     HALF: tl.constexpr = BLOCKSIZE // 2
+    TILE_BYTES: tl.constexpr = BLOCK_N * BLOCKS_K * HALF
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -75,53 +74,59 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
     n_mask = rn < N
     m_mask = rm < M
     row_blocks = K // BLOCKSIZE
-    acc = tl.zeros([M_PAD, BLOCK_N], dtype=tl.float32)
+    table = _pair_table(qmap_ptr)
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCKS_K, HALF], dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCKS_K * BLOCKSIZE):
         kb = k0 // BLOCKSIZE + tl.arange(0, BLOCKS_K)
         kb_mask = kb < row_blocks
         w_mask = n_mask[:, None] & kb_mask[None, :]
-        byte_idx = (rn * (K // 2))[:, None, None] + (kb * HALF)[None, :, None] + tl.arange(0, HALF)[None, None, :]
+        byte_idx = (rn * row_bytes)[:, None, None] + (kb * HALF)[None, :, None] + tl.arange(0, HALF)[None, None, :]
         byte = tl.load(packed_ptr + byte_idx, mask=w_mask[:, :, None], other=0)
+        hi, lo = _decode_bytes(table, tl.reshape(byte, [TILE_BYTES]))
         scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                               rn[:, None] * row_blocks + kb[None, :], w_mask,
                               DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
-        hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
-        lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
+        hi = tl.reshape(hi, [BLOCK_N, BLOCKS_K, HALF]) * scale[:, :, None]
+        lo = tl.reshape(lo, [BLOCK_N, BLOCKS_K, HALF]) * scale[:, :, None]
         x_idx = (rm * K)[:, None, None] + (kb * BLOCKSIZE)[None, :, None] + tl.arange(0, BLOCKSIZE)[None, None, :]
         x = tl.load(x_ptr + x_idx, mask=m_mask[:, None, None] & kb_mask[None, :, None], other=0.0).to(tl.float32)
-        # Even elements meet the high nibbles, odd ones the low nibbles.
+        # Even elements meet the high nibbles, odd ones the low nibbles (two fused multiply-adds).
         x_even, x_odd = tl.split(tl.reshape(x, [M_PAD, BLOCKS_K, HALF, 2]))
-        block_dot = tl.sum(hi[None, :, :, :] * x_even[:, None, :, :] + lo[None, :, :, :] * x_odd[:, None, :, :], axis=3)
-        acc += tl.sum(block_dot * scale[None, :, :], axis=2)
+        acc += hi[None, :, :, :] * x_even[:, None, :, :]
+        acc += lo[None, :, :, :] * x_odd[:, None, :, :]
+    acc2 = tl.sum(tl.sum(acc, axis=3), axis=2)  # the one cross-lane reduction
 
     mask = m_mask[:, None] & n_mask[None, :]
     if SPLIT_K > 1:
-        tl.store(out_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], acc, mask=mask)
+        tl.store(out_ptr + split.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], acc2, mask=mask)
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU), mask=mask)
+            acc2 += tl.load(bias_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :], _round_to(acc2, out_ptr.dtype.element_ty, ON_GPU),
+                 mask=mask)
 
 
 def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None, nested_code=None,
-                    offset=None, bias=None, split_k=None, block_n=8) -> torch.Tensor:
+                    offset=None, bias=None, split_k=None, block_n=None) -> torch.Tensor:
     """out [M, N] = x2 [M, K] @ W^T (+ bias) for M <= GEMV_MAX_M and K % blocksize == 0."""
     M = x2.shape[0]
-    assert M <= GEMV_MAX_M and K % blocksize == 0
+    assert M <= GEMV_MAX_M and K % blocksize == 0 and blocksize >= 32
+    if block_n is None:  # 64 weights a thread at M = 1; at M >= 2 fewer rows keep x's registers unspilled
+        block_n = 32 if M == 1 else 16
     blocks_k = max(1, 256 // blocksize)  # >= 256 elements of each row per step
     step = blocks_k * blocksize
-    k_steps = triton.cdiv(K, step)
-    tiles = triton.cdiv(N, block_n)
+    k_steps = backend.cdiv(K, step)
+    tiles = backend.cdiv(N, block_n)
     if split_k is None:
-        split_k = split_k_for(tiles, k_steps, x2.device)
+        split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm=3)  # 3 fit at 128..166 registers
     split_k, k_per_split = plan_split_k(split_k, k_steps, step, K)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_gemv_kernel[(tiles, split_k)](
-        x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
-        M_PAD=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCKS_K=blocks_k, BLOCKSIZE=blocksize,
+        x2, *weights, bias if bias is not None else x2, out, M, N, K, K // 2, k_per_split,
+        M_PAD=backend.next_power_of_2(M), BLOCK_N=block_n, BLOCKS_K=blocks_k, BLOCKSIZE=blocksize,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), num_warps=4,
     )

@@ -8,23 +8,21 @@ they are (no transposed copy). Which kernel runs, for x with M rows (see also ge
   M <= GEMV_MAX_M      gemv.py: CUDA cores, every 4-bit weight read once, split-K.
   M <= SMALL_M         fused tiles (dequantise in registers, tl.dot) with BLOCK_M 16..64 and
                        split-K: still one read of W, the tensor cores do the multiply-adds.
-  otherwise            fused tiles, 128 x 128.
+  otherwise            fused tiles, 128 x 128, split to fill a wave, while large_m.py's cost model
+                       puts them at or below dequantise-to-scratch + cuBLAS; beyond, that.
 
-Why fused for large M rather than dequantise-to-scratch + cuBLAS (the issue allows either, by
-measurement): UNMEASURED here (no GPU in this session); chosen by REFERENCE section 7's physics.
-Dequantise + cuBLAS writes and reads a bf16 copy of W on top of cuBLAS's own time: about
-1 + 336/M of the bf16 time, 1.08x at M = 4096, over the 1.02x target even with a perfect
-dequantise. Fused tiles move only the 4-bit bytes, so their floor is the bf16 time; their risk is
-the in-register decode (~5 instructions per weight element per BLOCK_M rows of x) and Triton's
-matmul efficiency against cuBLAS. bench/kernels.py times both (the `dequant+cuBLAS` column) so that
-the first GPU run can confirm the rule or move the threshold.
+Large M is chosen by a model until a GPU measures both paths (bench/kernels.py times the
+`dequant+cuBLAS` column beside the fused one): the sm_90a build (bench/sass_report.py) shows the
+fused decode not overlapped with the wgmma, ~8-13 instructions per weight element per 128 rows of
+x, which at M = 4096 costs more than writing and reading one bf16 copy of W at copy speed.
 """
 from __future__ import annotations
 
 import torch
 
-from qlora.kernels import backend
-from qlora.kernels.dequantize import _block_scales, _round_to, dequantize_nf4, dequantize_nf4_triton, weight_args
+from qlora.kernels import backend, large_m
+from qlora.kernels.dequantize import (_block_scales, _decode_bytes, _pair_table, _round_to, _row_byte_offsets,
+                                      dequantize_nf4, dequantize_nf4_triton, weight_args)
 from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
@@ -55,9 +53,9 @@ def nf4_linear_grad_input_reference(grad_out, packed, absmax, quant_map, out_fea
 
 
 @triton.jit
-def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-            rows, k0, N, K, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-            NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
+def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+            rows, k0, N, K, row_bytes, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
+            DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
     """W[rows, k0:k0+BLOCK_K] in float32, [len(rows), BLOCK_K].
 
     Needs K % BLOCKSIZE == 0, BLOCK_K dividing BLOCKSIZE and k0 a multiple of BLOCK_K: then each
@@ -65,13 +63,14 @@ def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_p
     finite (they are multiplied by masked zeros or not stored)."""
     rows = rows.to(tl.int64)
     row_mask = rows < N
-    byte_cols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    byte = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte_cols[None, :], mask=row_mask[:, None], other=0)
+    # k0 is a multiple of BLOCK_K (the loops step by it from multiples of it): said, so loads stay wide.
+    byte_cols = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    byte = tl.load(packed_ptr + _row_byte_offsets(rows, row_bytes, byte_cols), mask=row_mask[:, None], other=0)
     scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                           (rows * K + k0) // BLOCKSIZE, row_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
-    hi = tl.load(qmap_ptr + (byte >> 4).to(tl.int32))
-    lo = tl.load(qmap_ptr + (byte & 0xF).to(tl.int32))
-    return tl.interleave(hi, lo) * scale[:, None]
+    hi, lo = _decode_bytes(table, tl.reshape(byte, [ROWS * (BLOCK_K // 2)]))
+    w = tl.interleave(tl.reshape(hi, [ROWS, BLOCK_K // 2]), tl.reshape(lo, [ROWS, BLOCK_K // 2]))
+    return w * scale[:, None]
 
 
 @triton.jit
@@ -96,11 +95,12 @@ def _grouped_tile(pid, grid_m, grid_other, GROUP_M: tl.constexpr):
 
 @triton.jit
 def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                       bias_ptr, out_ptr, M, N, K, k_per_split,
+                       bias_ptr, out_ptr, M, N, K, row_bytes, k_per_split,
                        HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                        DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    # out[M, N] = x[M, K] @ W[N, K]^T, W dequantised tile by tile in registers. With SPLIT_K > 1,
+    # out[M, N] = x[M, K] @ W[N, K]^T, W dequantised tile by tile in registers. row_bytes = K // 2, an
+    # argument so that its divisibility by 16 is known and W's bytes load 16 at a time. With SPLIT_K > 1,
     # program (., s) sums k in [s * k_per_split, (s+1) * k_per_split) into float32 partials out[s].
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     split = tl.program_id(1)
@@ -110,13 +110,14 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
     rk = tl.arange(0, BLOCK_K)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    table = _pair_table(qmap_ptr)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     # K is a multiple of BLOCK_K (it is one of blocksize): no k masks.
     for k0 in range(k_start, k_end, BLOCK_K):
         a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
-        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                    rn, k0, N, K, BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                    rn, k0, N, K, row_bytes, BLOCKSIZE, BLOCK_K, BLOCK_N, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
         acc = _dot(a, tl.trans(_round_to(w, dtype, ON_GPU)), acc, ON_GPU)
 
     mask = (rm < M)[:, None] & (rn < N)[None, :]
@@ -131,34 +132,52 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
 
 @triton.jit
 def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                                  qmap_ptr, out_ptr, M, N, K,
-                                  BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                                  qmap_ptr, out_ptr, M, N, K, row_bytes, n_per_split,
+                                  SPLIT_N: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                                   NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   GROUP_M: tl.constexpr):
     # out[M, K] = g[M, N] @ W[N, K]: the same [rows of W, k] tiles as the forward, used untransposed.
+    # With SPLIT_N > 1, program (., s) sums n in [s * n_per_split, (s+1) * n_per_split) into float32
+    # partials out[s].
     pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
+    split = tl.program_id(1)
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     k0 = pid_k * BLOCK_K
     rk = k0 + tl.arange(0, BLOCK_K)
     dtype = g_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    table = _pair_table(qmap_ptr)
+    for n0 in range(split * n_per_split, tl.minimum(split * n_per_split + n_per_split, N), BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
         g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
-        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, qmap_ptr,
-                    rn, k0, N, K, BLOCKSIZE, BLOCK_K, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
+                    rn, k0, N, K, row_bytes, BLOCKSIZE, BLOCK_K, BLOCK_N, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
         acc = _dot(g, _round_to(w, dtype, ON_GPU), acc, ON_GPU)
-    tl.store(out_ptr + rm[:, None] * K + rk[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU),
-             mask=(rm < M)[:, None])
+    if SPLIT_N > 1:
+        tl.store(out_ptr + split.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :], acc, mask=(rm < M)[:, None])
+    else:
+        tl.store(out_ptr + rm[:, None] * K + rk[None, :], _round_to(acc, out_ptr.dtype.element_ty, ON_GPU),
+                 mask=(rm < M)[:, None])
 
 
+# ctas_per_sm: what fits on an SM at once (registers, shared memory) in the sm_90a build, from
+# bench/sass_report.py; the split-K rule launches at least one full wave of them.
 def _fused_config(M: int, blocksize: int):
     block_k = min(64, blocksize)
     if M <= SMALL_M:
-        return dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4,
+                    ctas_per_sm=6 if M <= 16 else 4)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=1)
+
+
+def _grad_input_config(M: int, blocksize: int):
+    block_k = min(64, blocksize)
+    if M <= SMALL_M:
+        return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4,
+                    num_stages=4, ctas_per_sm=5 if M <= 16 else 4)
+    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=3)
 
 
 def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None, nested_code=None,
@@ -167,15 +186,17 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
     assert K % blocksize == 0, "fused tiles need whole blocks per row"
     M = x2.shape[0]
     cfg = dict(config or _fused_config(M, blocksize))
-    tiles = triton.cdiv(M, cfg["BLOCK_M"]) * triton.cdiv(N, cfg["BLOCK_N"])
+    cfg.setdefault("ctas_per_sm", 1)
+    tiles = backend.cdiv(M, cfg["BLOCK_M"]) * backend.cdiv(N, cfg["BLOCK_N"])
     k_steps = K // cfg["BLOCK_K"]
+    ctas_per_sm = cfg.pop("ctas_per_sm")
     if split_k is None:
-        split_k = split_k_for(tiles, k_steps, x2.device) if M <= SMALL_M else 1
+        split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm)
     split_k, k_per_split = plan_split_k(split_k, k_steps, cfg["BLOCK_K"], K)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_linear_kernel[(tiles, split_k)](
-        x2, *weights, bias if bias is not None else x2, out, M, N, K, k_per_split,
+        x2, *weights, bias if bias is not None else x2, out, M, N, K, K // 2, k_per_split,
         HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(x2), GROUP_M=8, **cfg,
     )
@@ -183,30 +204,34 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
 
 
 def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
-                                nested_code=None, offset=None, config=None) -> torch.Tensor:
-    """out [M, K] = g2 [M, N] @ W with the fused kernel (K % blocksize == 0)."""
+                                nested_code=None, offset=None, split_n=None, config=None) -> torch.Tensor:
+    """out [M, K] = g2 [M, N] @ W with the fused kernel (K % blocksize == 0); N split like the
+    forward's K when the output alone has too few tiles for a full wave."""
     assert K % blocksize == 0, "fused tiles need whole blocks per row"
     M = g2.shape[0]
-    block_k = min(64, blocksize)
-    cfg = dict(config or (dict(BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k,
-                               num_warps=4, num_stages=4) if M <= SMALL_M else
-                          dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)))
-    out = torch.empty(M, K, dtype=g2.dtype, device=g2.device)
+    cfg = dict(config or _grad_input_config(M, blocksize))
+    ctas_per_sm = cfg.pop("ctas_per_sm", 1)
+    tiles = backend.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"])
+    n_steps = backend.cdiv(N, cfg["BLOCK_N"])
+    if split_n is None:
+        split_n = split_k_for(tiles, n_steps, g2.device, ctas_per_sm)
+    split_n, n_per_split = plan_split_k(split_n, n_steps, cfg["BLOCK_N"], N)
+    out = split_k_output(split_n, M, K, g2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
-    grid = (triton.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"]),)
-    _nf4_linear_grad_input_kernel[grid](
-        g2, *weights, out, M, N, K, BLOCKSIZE=blocksize, DOUBLE_QUANT=nested_absmax is not None,
-        NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(g2), GROUP_M=8, **cfg,
+    _nf4_linear_grad_input_kernel[(tiles, split_n)](
+        g2, *weights, out, M, N, K, K // 2, n_per_split, SPLIT_N=split_n, BLOCKSIZE=blocksize,
+        DOUBLE_QUANT=nested_absmax is not None, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(g2),
+        GROUP_M=8, **cfg,
     )
-    return out
+    return finish_split_k(out, split_n, None, g2.dtype)
 
 
 def nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None,
                               nested_code=None, offset=None, bias=None, transpose=False) -> torch.Tensor:
-    """Dequantise W with the Triton kernel, then cuBLAS: any K (blocks may straddle rows).
-    The caching allocator hands the same scratch block back call after call."""
+    """Dequantise W with the Triton kernel into the device's one scratch buffer (large_m.scratch),
+    then cuBLAS: any K (blocks may straddle rows)."""
     w = dequantize_nf4_triton(packed, absmax, quant_map, N * K, blocksize, x2.dtype,
-                              nested_absmax, nested_code, offset).view(N, K)
+                              nested_absmax, nested_code, offset, scratch=large_m.scratch).view(N, K)
     return x2 @ w if transpose else torch.nn.functional.linear(x2, w, bias)
 
 
@@ -219,9 +244,9 @@ def nf4_linear_triton(x, packed, absmax, quant_map, out_features, in_features, b
         out = x2.new_empty(0, N)
     elif M <= GEMV_MAX_M and not K % blocksize:
         out = nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax, nested_code, offset, bias)
-    elif K % blocksize or x2.dtype == torch.float32:
+    elif K % blocksize or x2.dtype == torch.float32 or not large_m.prefer_fused(M, N, K, "forward"):
         # float32 skips the fused tiles: tl.dot would round its inputs to TF32, while cuBLAS follows
-        # torch's TF32 setting (off by default), as F.linear does.
+        # torch's TF32 setting (off by default), as F.linear does. Large M: see large_m.py.
         out = nf4_linear_dequant_matmul(x2, packed, absmax, quant_map, N, K, blocksize,
                                         nested_absmax, nested_code, offset, bias)
     else:
@@ -235,7 +260,8 @@ def nf4_linear_grad_input_triton(grad_out, packed, absmax, quant_map, out_featur
     g2 = grad_out.reshape(-1, N).contiguous()
     if g2.shape[0] == 0:
         out = g2.new_empty(0, K)
-    elif K % blocksize or g2.dtype == torch.float32:  # float32: cuBLAS, not TF32 tiles (see above)
+    elif (K % blocksize or g2.dtype == torch.float32  # float32: cuBLAS, not TF32 tiles (see above)
+          or not large_m.prefer_fused(g2.shape[0], N, K, "grad_input")):
         out = nf4_linear_dequant_matmul(g2, packed, absmax, quant_map, N, K, blocksize,
                                         nested_absmax, nested_code, offset, transpose=True)
     else:
@@ -289,11 +315,46 @@ def _backward(ctx, grad):
 _nf4_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerNF4Linear(torch.autograd.Function):
+    """The op's autograd, for eager mode: the implementations called directly. torch.library's
+    custom-op dispatch and autograd wrapper cost about 30 us of CPU per op on the 2-core machine
+    (bench/host_overhead.py), as much as the launch work itself; torch.compile still sees the ops."""
+
+    @staticmethod
+    def forward(ctx, x, bias, *weight):
+        ctx.weight = weight
+        ctx.has_bias = bias is not None
+        return backend.run_chosen(_nf4_linear_op_choice, (x, *weight, bias))
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = backend.run_chosen(_nf4_linear_grad_input_op_choice, (grad, *ctx.weight))
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
+        return (grad_x, grad_bias) + (None,) * len(ctx.weight)
+
+
+def _nf4_linear_op_choice(use_triton: bool):
+    return nf4_linear_triton if use_triton else nf4_linear_reference
+
+
+def _nf4_linear_grad_input_op_choice(use_triton: bool):
+    return nf4_linear_grad_input_triton if use_triton else nf4_linear_grad_input_reference
+
+
 def nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksize,
                nested_absmax=None, nested_code=None, offset=None, bias=None) -> torch.Tensor:
-    """Dispatching entry point: x [..., in] @ W^T (+ bias) -> [..., out], in x's dtype."""
-    return torch.ops.qlora.nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksize,
-                                      nested_absmax, nested_code, offset, bias)
+    """Dispatching entry point: x [..., in] @ W^T (+ bias) -> [..., out], in x's dtype. Eager mode
+    calls the implementation (through _EagerNF4Linear when a gradient is wanted); under
+    torch.compile the op stays one opaque node of the graph."""
+    weight = (packed, absmax, quant_map, out_features, in_features, blocksize, nested_absmax, nested_code, offset)
+    if torch.compiler.is_compiling():
+        return torch.ops.qlora.nf4_linear(x, *weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        return _EagerNF4Linear.apply(x, bias, *weight)
+    return backend.run_chosen(_nf4_linear_op_choice, (x, *weight, bias))
 
 
 def nf4_linear_grad_input(grad_out, packed, absmax, quant_map, out_features, in_features, blocksize,
