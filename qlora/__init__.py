@@ -6,6 +6,7 @@ from qlora.layer import QuantLoRALinear
 from qlora.model import load_adapter, load_quantized, prepare_model, save_adapter
 from qlora.optim import PagedAdamW32bit
 from qlora.finetune import finetune
+from qlora.generate import generate
 from qlora.convert import quantize_checkpoint
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "dynamic_map",
     "finetune",
     "fp4_codebook",
+    "generate",
     "load_adapter",
     "load_quantized",
     "load_quantized_state_dict",

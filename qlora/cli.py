@@ -1,4 +1,4 @@
-"""The `qlora` command: quantize, inspect, finetune, bench-memory.
+"""The `qlora` command: quantize, inspect, finetune, generate, bench-memory.
 
 Each subcommand lives in its own module, which provides add_arguments(parser) and
 run(args) -> exit code; this file only wires them up.
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "quantize": ("qlora.convert", "quantise a checkpoint to NF4 offline (bitsandbytes / HF layout)"),
     "inspect": ("qlora.checkpoint_info", "list a checkpoint's tensors, formats, sizes and bits per parameter"),
     "finetune": ("qlora.finetune", "fine-tune a 4-bit model with LoRA adapters"),
+    "generate": ("qlora.generate", "generate text from a 4-bit model (and a LoRA adapter), with a KV cache"),
     "bench-memory": ("qlora.memory", "predict (and on a GPU measure) training memory by component"),
 }
 

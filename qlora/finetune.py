@@ -1,4 +1,4 @@
-"""`qlora finetune`: QLoRA fine-tuning of a Llama-family model, end to end through the engine.
+"""`qlora finetune`: QLoRA fine-tuning of a causal LM (qlora's own Llama, or transformers'), end to end.
 
 load 4-bit (a plain checkpoint is quantised on load) -> prepare_model (LoRA on every linear but lm_head)
 -> gradient checkpointing -> PagedAdamW32bit with the QLoRA paper's defaults (r 64, alpha 16, dropout 0.05,
@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 
 from qlora.checkpoint import replacing
+from qlora.finetune_data import HELD_OUT_FRACTION, batch_at, held_out_loss, read_records, split_held_out, tokenize
+from qlora.finetune_model import describe_model, device_and_dtype, load_model, load_tokenizer
 from qlora.safe_output import (
     check_output_apart, make_partial_dir, remove_stale_partials, removes_partials_on_error, replace_dir,
     signals_held_back,
@@ -35,7 +37,6 @@ DATA_DIR = Path(__file__).resolve().parent / "data"
 DEFAULT_MODEL = DATA_DIR / "tiny-llama"
 DEFAULT_DATA = DATA_DIR / "finetune.txt"
 DEFAULT_OUT = Path("qlora-out") / "finetune"
-HELD_OUT_FRACTION = 0.2
 TRAINER_STATE = "trainer_state.safetensors"
 REPORT = "report.json"
 
@@ -65,155 +66,6 @@ class Settings:
     target_modules: str = "all-linear"
     compute_dtype: str = "bfloat16"
     grad_ckpt: bool = True
-
-
-# ---- data ----------------------------------------------------------------------------------------
-
-def read_documents(path: Path) -> list[str]:
-    """A .txt file is one document; a .jsonl file one document per line's "text" field."""
-    if not path.is_file():
-        raise _user_error(f"{path}: data file not found")
-    raw = path.read_text(encoding="utf-8", errors="replace")
-    if not raw.strip():
-        raise _user_error(f"{path}: data file is empty")
-    if path.suffix != ".jsonl":
-        return [raw]
-    docs = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise _user_error(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise _user_error(f"{path}:{lineno}: expected an object with a string \"text\" field")
-        if record["text"].strip():
-            docs.append(record["text"])
-    if not docs:
-        raise _user_error(f"{path}: no non-empty \"text\" field in any line")
-    return docs
-
-
-def split_held_out(docs: list[str]) -> tuple[list[str], list[str]]:
-    """Hold out the last fifth: whole documents when there are several, else the trailing paragraphs
-    of the single text (cut at a blank line, or a newline, near the 80% mark)."""
-    if len(docs) >= 5:
-        cut = len(docs) - max(1, round(len(docs) * HELD_OUT_FRACTION))
-        return docs[:cut], docs[cut:]
-    text = "\n\n".join(docs)
-    mark = int(len(text) * (1 - HELD_OUT_FRACTION))
-    cut = text.rfind("\n\n", 0, mark)
-    if cut < len(text) // 2:
-        cut = text.rfind("\n", 0, mark)
-    if cut < len(text) // 2:
-        cut = mark
-    return [text[:cut]], [text[cut:].lstrip("\n")]
-
-
-def tokenize(docs: list[str], tokenizer) -> torch.Tensor:
-    """Documents as one token stream, each starting with bos and ending with eos (packed training)."""
-    ids: list[int] = []
-    for doc in docs:
-        ids.extend(encode(tokenizer, doc))
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def encode(tokenizer, text: str) -> list[int]:
-    from qlora.tokenizer import ByteTokenizer
-
-    if isinstance(tokenizer, ByteTokenizer):
-        return tokenizer.encode(text, bos=True, eos=True)
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    return ids
-
-
-def load_tokenizer(model_dir: Path, vocab_size: int):
-    """The byte tokenizer for models that declare it (the embedded one); else transformers' tokenizer."""
-    from qlora.tokenizer import VOCAB_SIZE, ByteTokenizer
-
-    config_file = model_dir / "tokenizer_config.json"
-    try:
-        declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
-    except (ValueError, AttributeError, RecursionError):
-        raise _user_error(f"{config_file}: not a JSON object") from None
-    if declared in ("qlora.tokenizer.ByteTokenizer", "qlora.ByteTokenizer", "ByteTokenizer"):
-        if vocab_size < VOCAB_SIZE:
-            raise _user_error(f"{model_dir}: byte tokenizer needs vocab_size >= {VOCAB_SIZE}, config has {vocab_size}")
-        return ByteTokenizer()
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise _user_error(f"{model_dir}: its tokenizer needs transformers (pip install 'qlora[hf]')") from None
-    try:
-        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)  # never run its code
-    except Exception as err:  # transformers raises many kinds; the user needs the one line
-        raise _user_error(f"{model_dir}: could not load its tokenizer ({type(err).__name__}: {err})") from None
-
-
-def batch_at(tokens: torch.Tensor, step: int, batch: int, seq: int, seed: int) -> torch.Tensor:
-    """Random windows for a step, a pure function of (seed, step): a resumed run sees the same batches."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    starts = torch.randint(0, len(tokens) - seq + 1, (batch,), generator=generator)
-    return torch.stack([tokens[s:s + seq] for s in starts.tolist()])
-
-
-@torch.no_grad()
-def held_out_loss(model, tokens: torch.Tensor, seq: int, device) -> float:
-    """Token-weighted mean next-token loss over consecutive windows of the held-out stream."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, seq):
-        window = tokens[start:start + seq + 1][None].to(device)  # +1: the window's last target
-        if window.shape[1] < 2:
-            break
-        logits = model(window[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits[0].float(), window[0, 1:], reduction="sum")
-        total += loss.item()
-        count += window.shape[1] - 1
-    model.train(was_training)
-    return total / count
-
-
-# ---- model ---------------------------------------------------------------------------------------
-
-def is_quantised(model_dir: Path) -> bool:
-    config = json.loads((model_dir / "config.json").read_text())
-    quant = config.get("quantization_config") or {}
-    if not quant:
-        return False
-    if quant.get("quant_method") != "bitsandbytes" or not quant.get("load_in_4bit", False) \
-            or quant.get("bnb_4bit_quant_type", "nf4") not in ("nf4", "fp4"):
-        raise _user_error(f"{model_dir}: quantization_config is not bitsandbytes NF4 or FP4 4-bit "
-                          f"(quant_method={quant.get('quant_method')!r}, "
-                          f"bnb_4bit_quant_type={quant.get('bnb_4bit_quant_type')!r})")
-    return True
-
-
-def load_model(model_dir: Path, device: torch.device, compute_dtype: torch.dtype, work_dir: Path):
-    """Our Llama on the meta device, filled 4-bit from the checkpoint: a plain checkpoint is first
-    quantised (streaming, one tensor at a time) into work_dir, so no full-precision copy of the model
-    is ever built."""
-    from qlora.llama import ConfigError, build_model, load_config
-    from qlora.model import load_quantized
-
-    try:
-        config = load_config(model_dir)
-    except ConfigError as err:
-        raise _user_error(str(err)) from None
-    quantised_dir = model_dir
-    if not is_quantised(model_dir):
-        from qlora.convert import quantize_checkpoint
-
-        quantised_dir = work_dir / "nf4"
-        quantize_checkpoint(model_dir, quantised_dir, compute_dtype=str(compute_dtype).removeprefix("torch."),
-                            device=device.type, force=True, progress=False)
-    model = build_model(config, device="meta")
-    load_quantized(model, quantised_dir, device=device, compute_dtype=compute_dtype)
-    return model
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
@@ -346,7 +198,6 @@ def finetune(
     bad input. step_callback(step, loss), if given, runs after every optimizer step."""
     from tqdm.auto import tqdm
 
-    from qlora.llama import load_config
     from qlora.model import count_parameters, load_adapter, prepare_model
     from qlora.optim import PagedAdamW32bit
 
@@ -360,23 +211,9 @@ def finetune(
     if not (lr > 0 and math.isfinite(lr)):
         raise _user_error(f"--lr must be a positive number, got {lr}")
     _check_numbers(alpha=alpha, dropout=dropout, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(compute_dtype)
-    if dtype is None:
-        raise _user_error(f"--compute-dtype {compute_dtype!r}: use bfloat16, float16 or float32")
-    try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except (RuntimeError, TypeError):
-        raise _user_error(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise _user_error(f"--device {device}: only cpu and cuda are supported")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _user_error("--device cuda: no CUDA device is available")
-    if not model_dir.is_dir():
-        raise _user_error(f"{model_dir}: model directory not found")
-    try:
-        context = load_config(model_dir).max_position_embeddings
-    except ValueError as err:
-        raise _user_error(str(err)) from None
+    device, dtype = device_and_dtype(device, compute_dtype)
+    info = describe_model(model_dir)
+    context = info.context
     seq = seq if seq is not None else min(256, context)
     if seq < 2:
         raise _user_error(f"--seq must be at least 2, got {seq}")
@@ -395,18 +232,22 @@ def finetune(
             raise _user_error(f"{out}: already exists; pass --resume to continue it or --force to start over")
         out = make_partial_dir(final_out)  # the old output is replaced only once this one is complete
 
-    config = load_config(model_dir)
-    tokenizer = load_tokenizer(model_dir, config.vocab_size)
-    train_docs, held_docs = split_held_out(read_documents(data_path))
-    train_tokens, held_tokens = tokenize(train_docs, tokenizer), tokenize(held_docs, tokenizer)
-    if len(train_tokens) < seq:
+    tokenizer = load_tokenizer(model_dir, info.vocab_size)
+    train_docs, held_docs = split_held_out(read_records(data_path))
+    where = f"{data_path} with the tokenizer of {model_dir}"
+    train_tokens, held_tokens = tokenize(train_docs, tokenizer, seq, where), tokenize(held_docs, tokenizer, seq, where)
+    if train_tokens.starts is not None and (len(train_tokens.starts) < 2 or len(held_tokens.starts) < 2):
+        raise _user_error(f"{data_path}: no conversation in the training or held-out part has an assistant "
+                          f"token within --seq {seq} tokens")
+    if train_tokens.starts is None and len(train_tokens) < seq:
         raise _user_error(f"{data_path}: {len(train_tokens)} training tokens, fewer than --seq {seq}; "
                           "use a longer text or a smaller --seq")
     if len(held_tokens) < 2:
         raise _user_error(f"{data_path}: the held-out part (last {HELD_OUT_FRACTION:.0%}) is too short")
-    largest = max(int(train_tokens.max()), int(held_tokens.max()))
-    if largest >= config.vocab_size:
-        raise _user_error(f"{data_path}: token id {largest} outside the model's vocabulary of {config.vocab_size}")
+    largest = max(int(train_tokens.ids.max()), int(held_tokens.ids.max()))
+    if largest >= info.vocab_size:
+        raise _user_error(f"{data_path}: token id {largest} outside the model's vocabulary of {info.vocab_size}")
+    pad_id = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -447,8 +288,8 @@ def finetune(
     trained_tokens, loss_value = 0, float("nan")
     for step in bar:
         torch.manual_seed(seed * 1_000_003 + step)  # dropout masks, too, are a function of the step
-        ids = batch_at(train_tokens, step, batch, seq, seed).to(device)
-        loss = net(ids, labels=ids).loss
+        ids, labels = (t.to(device) for t in batch_at(train_tokens, step, batch, seq, seed, pad_id))
+        loss = net(ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -493,9 +334,11 @@ def finetune(
 # ---- CLI -----------------------------------------------------------------------------------------
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--model", help="Hugging Face Llama-family directory, plain or 4-bit "
+    parser.add_argument("--model", help="Hugging Face causal-LM directory, plain or 4-bit: Llama-family ones "
+                                        "run on qlora's own Llama, others need transformers "
                                         "(default: the embedded tiny Llama)")
-    parser.add_argument("--data", help="a .txt file, or a .jsonl with a \"text\" field per line "
+    parser.add_argument("--data", help="a .txt file, or a .jsonl with a \"text\" field per line, or a "
+                                       "\"messages\" list per line (chat: loss on the assistant's tokens only) "
                                        "(default: the embedded text); the last fifth is held out")
     parser.add_argument("--out", help=f"output directory for the adapter and report (default: {DEFAULT_OUT})")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")

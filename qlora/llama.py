@@ -158,9 +158,9 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
     return inv_freq
 
 
-def rope_tables(config: LlamaConfig, seq_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(config: LlamaConfig, seq_len: int, device, dtype, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     # Computed per forward rather than kept as buffers: a model built on the meta device needs no fix-up.
-    positions = torch.arange(seq_len, device=device, dtype=torch.float32)
+    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
     freqs = positions[:, None] * rope_inv_freq(config, device)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -169,6 +169,38 @@ def rope_tables(config: LlamaConfig, seq_len: int, device, dtype) -> tuple[torch
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache:
+    """Each layer's keys and values of the tokens seen so far (after rotary), so that decoding feeds
+    only the new tokens. Pass one to LlamaForCausalLM.forward as past_key_values; it grows in place."""
+
+    def __init__(self):
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[-2] if self.keys else 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == len(self.keys):
+            self.keys.append(k)
+            self.values.append(v)
+        else:
+            self.keys[layer] = torch.cat((self.keys[layer], k), dim=-2)
+            self.values[layer] = torch.cat((self.values[layer], v), dim=-2)
+        return self.keys[layer], self.values[layer]
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last q.shape[-2] positions over all k.shape[-2] (earlier ones cached)."""
+    new, total = q.shape[-2], k.shape[-2]
+    if new == total:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if new == 1:  # one new token sees everything before it
+        return F.scaled_dot_product_attention(q, k, v)
+    allowed = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 class RMSNorm(nn.Module):
@@ -187,16 +219,18 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_index: int = 0):
         super().__init__()
         self.config = config
+        self.layer_index = layer_index
         hd, bias = config.head_dim, config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * hd, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * hd, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * hd, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * hd, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         hd = self.config.head_dim
         q = self.q_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
@@ -204,11 +238,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)
         if self.config.n_rep > 1:
             # Expanding K/V (as transformers does) works with every SDPA backend; enable_gqa does not.
             k = k.repeat_interleave(self.config.n_rep, dim=1)
             v = v.repeat_interleave(self.config.n_rep, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = _attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -225,15 +261,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, layer_index: int = 0):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_index)
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -241,7 +278,7 @@ class LlamaModel(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -282,25 +319,28 @@ class LlamaForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, **_ignored) -> CausalLMOutput:
+                attention_mask: torch.Tensor | None = None, past_key_values: KVCache | None = None,
+                **_ignored) -> CausalLMOutput:
+        """past_key_values: a KVCache holding the earlier tokens (filled in place); input_ids are the new ones."""
         # Causal attention over full rows only: a padded batch would silently attend to its padding.
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} masks out tokens; "
                              "this model attends causally over whole rows (pack or trim the batch instead)")
-        seq = input_ids.shape[-1]
+        past = len(past_key_values) if past_key_values is not None else 0
+        seq = past + input_ids.shape[-1]
         if seq > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {seq} tokens exceeds the model's context of "
                              f"{self.config.max_position_embeddings}")
         if self.config.sliding_window is not None and seq > self.config.sliding_window:
             raise ValueError(f"sequence of {seq} tokens exceeds the sliding window of {self.config.sliding_window}")
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(self.config, seq, h.device, h.dtype)
+        cos, sin = rope_tables(self.config, seq - past, h.device, h.dtype, start=past)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its inside during backward.
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, past_key_values)
         logits = self.lm_head(self.model.norm(h))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss, logits)

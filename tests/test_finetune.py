@@ -114,10 +114,10 @@ def test_bad_inputs_give_one_clear_line(tmp_path, capsys):
     bad_jsonl.write_text('{"text": "fine"}\n{"txt": "no text field"}\n')
     assert "bad.jsonl:2" in _cli_error(capsys, "--data", str(bad_jsonl), "--out", out)
 
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
-    assert "'gpt2' is not a Llama-family model" in _cli_error(capsys, "--model", str(gpt2), "--out", out)
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps({"model_type": "no-such-model", "n_layer": 2}))
+    assert "transformers cannot read its config" in _cli_error(capsys, "--model", str(unknown), "--out", out)
     assert "model directory not found" in _cli_error(capsys, "--model", str(tmp_path / "nope"), "--out", out)
     message = _cli_error(capsys, "--seq", "513", "--out", out)
     assert "--seq 513 is longer than the model's context (512 tokens" in message

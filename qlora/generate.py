@@ -1,0 +1,234 @@
+"""`qlora generate`: text from a 4-bit model (with a LoRA adapter, if given), streamed as it is decoded.
+
+The prompt runs through the model once (prefill), then each new token alone against the KV cache
+(decode: M = 1 rows, which nf4_linear sends to its GEMV path on a GPU). Greedy by default
+(temperature 0); a temperature samples, with nucleus (top-p) filtering, from a seeded generator.
+Works for qlora's own Llama (the embedded model is the default) and any transformers causal LM,
+loaded as `qlora finetune` loads them (a plain checkpoint is quantised on load).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from qlora.errors import UserError
+
+DEFAULT_PROMPT = "def "
+
+
+@dataclass
+class Generation:
+    text: str  # the new text, without the prompt
+    token_ids: list[int]  # the new tokens
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: the tokens after the first, which each ran through the model alone."""
+        return max(len(self.token_ids) - 1, 0) / max(self.decode_seconds, 1e-9)
+
+
+# ---- the decoding loop ---------------------------------------------------------------------------
+
+def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> int:
+    """The next token from one position's logits: argmax at temperature 0, else a sample from the
+    smallest set of most likely tokens whose probability reaches top_p."""
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    sorted_probs, order = probs.sort(descending=True)
+    # Keep a token if the ones more likely than it do not yet reach top_p (the first is always kept).
+    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
+    sorted_probs = sorted_probs * keep
+    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+    return int(order[choice])
+
+
+def _forward(model, ids: torch.Tensor, cache):
+    """Logits of the new tokens and the cache holding every token so far."""
+    from qlora.llama import KVCache, LlamaForCausalLM
+
+    if isinstance(model, LlamaForCausalLM):
+        cache = cache if cache is not None else KVCache()
+        return model(ids, past_key_values=cache).logits, cache
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    return out.logits, out.past_key_values
+
+
+@torch.no_grad()
+def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (), use_cache: bool = True):
+    """Yield new token ids one at a time (a stop token is yielded, then generation ends).
+    use_cache=False recomputes the whole sequence every step (the reference the cache must match)."""
+    device = next(model.parameters()).device
+    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    logits, cache = _forward(model, ids, None) if use_cache else (model(ids).logits, None)
+    for _ in range(max_new_tokens):
+        token = next_token(logits[0, -1], temperature, top_p, generator)
+        yield token
+        if token in stop_ids:
+            return
+        new = torch.tensor([[token]], dtype=torch.long, device=device)
+        if use_cache:
+            logits, cache = _forward(model, new, cache)
+        else:
+            ids = torch.cat((ids, new), dim=1)
+            logits = model(ids).logits
+
+
+class TextStream:
+    """Turns token ids into text pieces as they come: the whole is decoded each time and the new
+    suffix given out, holding back a trailing half character (a byte tokenizer's multi-byte UTF-8)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.given = tokenizer, [], 0
+
+    def text(self) -> str:
+        from qlora.tokenizer import ByteTokenizer
+
+        if isinstance(self.tokenizer, ByteTokenizer):
+            return self.tokenizer.decode(self.ids)
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.text()
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.given = text[self.given:], len(text)
+        return piece
+
+
+# ---- loading and the API -------------------------------------------------------------------------
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    from qlora.tokenizer import ByteTokenizer
+
+    if isinstance(tokenizer, ByteTokenizer):
+        if chat:
+            raise UserError("--chat: the embedded byte tokenizer has no chat template")
+        return tokenizer.encode(prompt, bos=True)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError("--chat: the model's tokenizer has no chat_template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+def stop_ids_of(model, tokenizer) -> tuple[int, ...]:
+    ids = {tokenizer.eos_token_id}
+    eos = getattr(getattr(model, "config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return tuple(sorted(i for i in ids if i is not None))
+
+
+def load(model: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
+         device: str | None = None, compute_dtype: str = "bfloat16"):
+    """(model, tokenizer, context): a model directory in 4 bits, with the adapter's LoRA, ready to generate."""
+    from qlora.finetune import DEFAULT_MODEL
+    from qlora.finetune_model import describe_model, load_model, load_tokenizer
+    from qlora.model import load_adapter
+
+    model_dir = Path(model) if model is not None else DEFAULT_MODEL
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(compute_dtype)
+    if dtype is None:
+        raise UserError(f"--compute-dtype {compute_dtype!r}: use bfloat16, float16 or float32")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    info = describe_model(model_dir)
+    tokenizer = load_tokenizer(model_dir, info.vocab_size)
+    with tempfile.TemporaryDirectory(prefix="qlora-generate-") as work_dir:
+        net = load_model(model_dir, device, dtype, Path(work_dir))
+    if adapter is not None:
+        try:
+            load_adapter(net, adapter)
+        except (ValueError, FileNotFoundError) as err:
+            raise UserError(f"--adapter {adapter}: {err}") from None
+    return net.eval(), tokenizer, info.context
+
+
+def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.Module | None = None,
+             tokenizer=None, adapter: str | os.PathLike | None = None, max_new_tokens: int = 64,
+             temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, device: str | None = None,
+             compute_dtype: str = "bfloat16", chat: bool = False, stream=None) -> Generation:
+    """Generate from a model directory (default: the embedded tiny Llama) or from a loaded model and
+    its tokenizer. stream(piece), if given, receives the text as it is decoded. Raises UserError on
+    bad input."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    if isinstance(model, torch.nn.Module):
+        if tokenizer is None:
+            raise UserError("generate: a loaded model needs its tokenizer")
+        net, context = model, None
+    else:
+        net, tokenizer, context = load(model, adapter, device, compute_dtype)
+    prompt_ids = encode_prompt(tokenizer, prompt, chat)
+    if not prompt_ids:
+        raise UserError("--prompt: encodes to no tokens")
+    context = context or getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if context is not None:
+        if len(prompt_ids) >= context:
+            raise UserError(f"--prompt: {len(prompt_ids)} tokens, the model's context is {context}")
+        max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
+    device = next(net.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    text = TextStream(tokenizer)
+    tokens = generate_ids(net, prompt_ids, max_new_tokens, temperature, top_p, generator,
+                          stop_ids_of(net, tokenizer))
+    start = time.perf_counter()
+    first_at = start
+    for count, token in enumerate(tokens):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if count == 0:
+            first_at = time.perf_counter()
+        piece = text.push(token)
+        if stream is not None and piece:
+            stream(piece)
+    end = time.perf_counter()
+    return Generation(text.text(), text.ids, len(prompt_ids), first_at - start, end - first_at)
+
+
+# ---- CLI -----------------------------------------------------------------------------------------
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", help="Hugging Face causal-LM directory, plain or 4-bit "
+                                        "(default: the embedded tiny Llama)")
+    parser.add_argument("--adapter", help="a LoRA adapter directory (PEFT's format, e.g. qlora finetune's --out)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"the text to continue (default {DEFAULT_PROMPT!r})")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn in the chat template")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="default 64")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy; else sample")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+
+
+def run(args) -> int:
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    sys.stdout.write(args.prompt)
+    result = generate(args.prompt, model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
+                      compute_dtype=args.compute_dtype, chat=args.chat, stream=stream)
+    sys.stdout.write("\n")
+    print(f"{len(result.token_ids)} tokens; prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f}s, "
+          f"decode {result.tokens_per_second:,.1f} tokens/s", file=sys.stderr)
+    return 0

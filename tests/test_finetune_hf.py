@@ -1,0 +1,110 @@
+"""qlora finetune on transformers models as users bring them: tiny random-init qwen2, phi3 and gpt2
+saved with save_pretrained, with a word-level tokenizer built offline that has a chat template."""
+import json
+
+import pytest
+import torch
+
+from qlora.finetune import finetune
+from qlora.finetune_model import describe_model
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+WORDS = "the cat sat on mat a dog ran to park hello how are you i am fine thanks what is your name my bob".split()
+SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<user>", "<assistant>", "<system>", "<end>"]
+# Every piece is separated by spaces, so tokens are words and a hand-built expectation is easy to write.
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
+                 "{% if add_generation_prompt %}<assistant> {% endif %}")
+QA = [("hello", "hello how are you"), ("how are you", "i am fine thanks"), ("what is your name", "my name is bob")]
+# Phi3's default pad_token_id (32000) lies outside a tiny vocabulary.
+IDS = dict(vocab_size=64, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+CONFIGS = {
+    "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                              num_attention_heads=4, num_key_value_heads=2,
+                                              max_position_embeddings=128, **IDS),
+    "phi3": lambda: transformers.Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=128, **IDS),
+    "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **IDS),
+}
+# Waiting on issue 10's other items: bf16 bases in prepare_model (1) and Conv1D in quantize (3). Strict,
+# so the marks must go when those land.
+BF16_BASES = pytest.mark.xfail(reason="issue 10 item 1: prepare_model on bf16 transformers bases",
+                               raises=RuntimeError, strict=True)
+CONV1D = pytest.mark.xfail(reason="issue 10 item 3: GPT-2's Conv1D in qlora quantize",
+                           raises=Exception, strict=True)
+
+
+def tiny_tokenizer():
+    vocab = {word: i for i, word in enumerate(SPECIALS + WORDS)}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        chat_template=CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIALS[4:]})
+    return tokenizer
+
+
+def tiny_model_dir(directory, model_type: str, dtype=torch.float32, seed: int = 0):
+    """A random-init model of the family and the tiny tokenizer, saved as transformers saves them."""
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[model_type]()).to(dtype)
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_chat(path, conversations: int = 10):
+    with open(path, "w") as f:
+        for i in range(conversations):
+            question, answer = QA[i % len(QA)]
+            messages = [{"role": "system", "content": "the cat"}, {"role": "user", "content": question},
+                        {"role": "assistant", "content": answer}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("model_type, dtype, compute_dtype", [
+    ("qwen2", torch.float32, "bfloat16"),
+    ("phi3", torch.float32, "float32"),
+    pytest.param("qwen2", torch.bfloat16, "bfloat16", marks=BF16_BASES),
+    pytest.param("gpt2", torch.float32, "float32", marks=CONV1D),
+])
+def test_chat_finetune_of_transformers_models_lowers_held_out_loss(tmp_path, model_type, dtype, compute_dtype):
+    model_dir = tiny_model_dir(tmp_path / model_type, model_type, dtype)
+    assert not describe_model(model_dir).native  # built by transformers, not qlora's Llama
+    data = write_chat(tmp_path / "chat.jsonl")
+    report = finetune(model=model_dir, data=data, out=tmp_path / "out", steps=6, r=8, lr=1e-2, seq=32, batch=4,
+                      compute_dtype=compute_dtype, progress=False)
+    # Random init: about ln(64) = 4.2 before; the answers are learnable from the questions.
+    assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.3, report
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["r"] == 8 and saved["target_modules"]
+
+
+def test_text_finetune_of_a_transformers_model_and_the_one_line_errors(tmp_path, capsys):
+    from qlora.cli import main
+
+    model_dir = tiny_model_dir(tmp_path / "qwen2", "qwen2")
+    text = tmp_path / "notes.txt"
+    text.write_text("\n".join("the cat sat on the mat" if i % 2 else "a dog ran to the park" for i in range(60)))
+    report = finetune(model=model_dir, data=text, out=tmp_path / "out", steps=4, r=8, lr=1e-2, seq=24, batch=2,
+                      progress=False)
+    assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.3, report
+
+    # A model family transformers knows, but data no tokenizer chat template can render: one line.
+    no_template = tmp_path / "no-template"
+    no_template.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (no_template / name).write_bytes((model_dir / name).read_bytes())
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_template)
+    (no_template / "chat_template.jinja").unlink(missing_ok=True)
+    data = write_chat(tmp_path / "chat.jsonl")
+    assert main(["finetune", "--no-progress", "--model", str(no_template), "--data", str(data),
+                 "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "chat data needs a tokenizer with a chat_template" in err[0], err
