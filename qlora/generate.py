@@ -159,6 +159,13 @@ def load(model: str | os.PathLike | None = None, adapter: str | os.PathLike | No
     return net.eval(), tokenizer, info.context
 
 
+def check_options(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+
+
 def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.Module | None = None,
              tokenizer=None, adapter: str | os.PathLike | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, device: str | None = None,
@@ -166,10 +173,7 @@ def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.M
     """Generate from a model directory (default: the embedded tiny Llama) or from a loaded model and
     its tokenizer. stream(piece), if given, receives the text as it is decoded. Raises UserError on
     bad input."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    check_options(max_new_tokens, temperature, top_p)
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
             raise UserError("generate: a loaded model needs its tokenizer")
@@ -224,10 +228,11 @@ def run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    check_options(args.max_new_tokens, args.temperature, args.top_p)
+    net, tokenizer, _ = load(args.model, args.adapter, args.device, args.compute_dtype)
     sys.stdout.write(args.prompt)
-    result = generate(args.prompt, model=args.model, adapter=args.adapter, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, device=args.device,
-                      compute_dtype=args.compute_dtype, chat=args.chat, stream=stream)
+    result = generate(args.prompt, model=net, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat, stream=stream)
     sys.stdout.write("\n")
     print(f"{len(result.token_ids)} tokens; prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f}s, "
           f"decode {result.tokens_per_second:,.1f} tokens/s", file=sys.stderr)
