@@ -7,6 +7,7 @@ filled by load_quantized, so in both cases no full-precision copy of the quantis
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +30,25 @@ class ModelInfo:
 
 
 def read_config(model_dir: Path) -> dict:
-    file = model_dir / "config.json"
+    from qlora.llama import ConfigError, read_config_file
+
     if not model_dir.is_dir():
         raise UserError(f"{model_dir}: model directory not found")
-    if not file.is_file():
-        raise UserError(f"{model_dir}: no config.json (expected a Hugging Face model directory)")
     try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{file}: not valid JSON ({err})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{file}: expected a JSON object")
-    return config
+        return read_config_file(model_dir)
+    except ConfigError as err:
+        raise UserError(str(err)) from None
+
+
+def device_and_dtype(device: str | None, compute_dtype: str) -> tuple[torch.device, torch.dtype]:
+    """--device (default: cuda when available) and --compute-dtype, checked."""
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(compute_dtype)
+    if dtype is None:
+        raise UserError(f"--compute-dtype {compute_dtype!r}: use bfloat16, float16 or float32")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available")
+    return device, dtype
 
 
 def describe_model(model_dir: Path) -> ModelInfo:
@@ -51,9 +59,11 @@ def describe_model(model_dir: Path) -> ModelInfo:
     if model_type in LLAMA_FAMILY:
         try:
             config = LlamaConfig.from_dict(raw, source=str(model_dir / "config.json"))
+            return ModelInfo(model_type, config.vocab_size, config.max_position_embeddings, native=True)
         except ConfigError as err:
-            raise UserError(str(err)) from None
-        return ModelInfo(model_type, config.vocab_size, config.max_position_embeddings, native=True)
+            if importlib.util.find_spec("transformers") is None:
+                raise UserError(str(err)) from None
+            # e.g. a rope scaling qlora's Llama lacks: transformers' own class builds it.
     config = _transformers_config(model_dir).to_dict()
     context = next((config[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if config.get(k)), None)
     if not isinstance(config.get("vocab_size"), int) or not isinstance(context, int):

@@ -8,6 +8,7 @@ loaded as `qlora finetune` loads them (a plain checkpoint is quantised on load).
 """
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import tempfile
@@ -60,29 +61,24 @@ def _forward(model, ids: torch.Tensor, cache):
     if isinstance(model, LlamaForCausalLM):
         cache = cache if cache is not None else KVCache()
         return model(ids, past_key_values=cache).logits, cache
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-    return out.logits, out.past_key_values
+    # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    out = model(input_ids=ids, use_cache=True, **{name: cache})
+    return out.logits, getattr(out, name)
 
 
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (), use_cache: bool = True):
-    """Yield new token ids one at a time (a stop token is yielded, then generation ends).
-    use_cache=False recomputes the whole sequence every step (the reference the cache must match)."""
+                 generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = ()):
+    """Yield new token ids one at a time (a stop token is yielded, then generation ends)."""
     device = next(model.parameters()).device
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    logits, cache = _forward(model, ids, None) if use_cache else (model(ids).logits, None)
-    for _ in range(max_new_tokens):
+    logits, cache = _forward(model, torch.tensor([prompt_ids], dtype=torch.long, device=device), None)
+    for step in range(max_new_tokens):
         token = next_token(logits[0, -1], temperature, top_p, generator)
         yield token
-        if token in stop_ids:
+        if token in stop_ids or step == max_new_tokens - 1:
             return
-        new = torch.tensor([[token]], dtype=torch.long, device=device)
-        if use_cache:
-            logits, cache = _forward(model, new, cache)
-        else:
-            ids = torch.cat((ids, new), dim=1)
-            logits = model(ids).logits
+        logits, cache = _forward(model, torch.tensor([[token]], dtype=torch.long, device=device), cache)
 
 
 class TextStream:
@@ -137,16 +133,13 @@ def load(model: str | os.PathLike | None = None, adapter: str | os.PathLike | No
          device: str | None = None, compute_dtype: str = "bfloat16"):
     """(model, tokenizer, context): a model directory in 4 bits, with the adapter's LoRA, ready to generate."""
     from qlora.finetune import DEFAULT_MODEL
-    from qlora.finetune_model import describe_model, load_model, load_tokenizer
+    from qlora.finetune_model import describe_model, device_and_dtype, load_model, load_tokenizer
     from qlora.model import load_adapter
 
     model_dir = Path(model) if model is not None else DEFAULT_MODEL
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(compute_dtype)
-    if dtype is None:
-        raise UserError(f"--compute-dtype {compute_dtype!r}: use bfloat16, float16 or float32")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available")
+    device, dtype = device_and_dtype(device, compute_dtype)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise UserError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter directory)")
     info = describe_model(model_dir)
     tokenizer = load_tokenizer(model_dir, info.vocab_size)
     with tempfile.TemporaryDirectory(prefix="qlora-generate-") as work_dir:
@@ -173,10 +166,13 @@ def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.M
     """Generate from a model directory (default: the embedded tiny Llama) or from a loaded model and
     its tokenizer. stream(piece), if given, receives the text as it is decoded. Raises UserError on
     bad input."""
+    from qlora.llama import LlamaForCausalLM
+
     check_options(max_new_tokens, temperature, top_p)
     if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise UserError("generate: a loaded model needs its tokenizer")
+        if tokenizer is None or adapter is not None:
+            raise UserError("generate: a loaded model needs its tokenizer, and takes no adapter "
+                            "(qlora.load_adapter(model, directory) adds one)")
         net, context = model, None
     else:
         net, tokenizer, context = load(model, adapter, device, compute_dtype)
@@ -184,6 +180,8 @@ def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.M
     if not prompt_ids:
         raise UserError("--prompt: encodes to no tokens")
     context = context or getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if isinstance(net, LlamaForCausalLM) and net.config.sliding_window:
+        context = min(context, net.config.sliding_window)  # qlora's Llama attends over whole sequences only
     if context is not None:
         if len(prompt_ids) >= context:
             raise UserError(f"--prompt: {len(prompt_ids)} tokens, the model's context is {context}")

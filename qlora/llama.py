@@ -126,6 +126,12 @@ class LlamaConfig:
 def load_config(path: str | Path) -> LlamaConfig:
     """Read a model directory's config.json (or the file itself); ConfigError if it is not Llama-family."""
     path = Path(path)
+    return LlamaConfig.from_dict(read_config_file(path), source=str(path / "config.json" if path.is_dir() else path))
+
+
+def read_config_file(path: str | Path) -> dict:
+    """A model directory's config.json (or the file itself) as a dict; ConfigError if it is not one."""
+    path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise ConfigError(f"{path}: no config.json (expected a Hugging Face model directory)")
@@ -135,7 +141,7 @@ def load_config(path: str | Path) -> LlamaConfig:
         raise ConfigError(f"{file}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{file}: expected a JSON object")
-    return LlamaConfig.from_dict(raw, source=str(file))
+    return raw
 
 
 def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from qlora.finetune_data import (IGNORE, TokenData, batch_at, encode_chat, held_
 from qlora.tokenizer import BOS, EOS, ByteTokenizer
 
 pytest.importorskip("transformers")
-from test_finetune_hf import tiny_tokenizer  # noqa: E402
+from test_finetune_hf import word_tokenizer  # noqa: E402
 
 CONVERSATION = [
     {"role": "system", "content": "the cat"},
@@ -24,7 +24,7 @@ CONVERSATION = [
 
 
 def test_chat_labels_are_the_assistant_turns_only():
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     ids, labels = encode_chat(tokenizer, CONVERSATION)
     # Written out by hand from the template: each assistant turn is trained with its <end>, nothing else is.
     words = ("<system> the cat <end> <user> hello <end> <assistant> hello how are you <end> "
@@ -37,7 +37,7 @@ def test_chat_labels_are_the_assistant_turns_only():
 
 
 def test_chat_batches_pad_on_the_right_and_are_a_function_of_the_step():
-    tokenizer = tiny_tokenizer()
+    tokenizer = word_tokenizer()
     short = CONVERSATION[:3]
     data = tokenize([short, CONVERSATION], tokenizer, seq=100)
     assert data.starts == [0, 13, 13 + 28]

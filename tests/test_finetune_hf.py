@@ -1,5 +1,6 @@
 """qlora finetune on transformers models as users bring them: tiny random-init qwen2, phi3 and gpt2
-saved with save_pretrained, with a word-level tokenizer built offline that has a chat template."""
+saved with save_pretrained, with a byte-level BPE tokenizer trained offline that has a chat template
+(what AutoTokenizer rebuilds as Qwen2Tokenizer for qwen2 keeps working)."""
 import json
 
 import pytest
@@ -13,12 +14,11 @@ tokenizers = pytest.importorskip("tokenizers")
 
 WORDS = "the cat sat on mat a dog ran to park hello how are you i am fine thanks what is your name my bob".split()
 SPECIALS = ["<unk>", "<pad>", "<s>", "</s>", "<user>", "<assistant>", "<system>", "<end>"]
-# Every piece is separated by spaces, so tokens are words and a hand-built expectation is easy to write.
 CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} <end> {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")
 QA = [("hello", "hello how are you"), ("how are you", "i am fine thanks"), ("what is your name", "my name is bob")]
 # Phi3's default pad_token_id (32000) lies outside a tiny vocabulary.
-IDS = dict(vocab_size=64, bos_token_id=2, eos_token_id=3, pad_token_id=1)
+IDS = dict(vocab_size=320, bos_token_id=2, eos_token_id=3, pad_token_id=1)
 CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                               num_attention_heads=4, num_key_value_heads=2,
@@ -36,10 +36,7 @@ CONV1D = pytest.mark.xfail(reason="issue 10 item 3: GPT-2's Conv1D in qlora quan
                            raises=Exception, strict=True)
 
 
-def tiny_tokenizer():
-    vocab = {word: i for i, word in enumerate(SPECIALS + WORDS)}
-    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
-    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+def _wrap(model):
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=model, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>",
         chat_template=CHAT_TEMPLATE)
@@ -47,12 +44,31 @@ def tiny_tokenizer():
     return tokenizer
 
 
+def word_tokenizer():
+    """One token per space-separated word: a hand-built expectation is easy to write."""
+    vocab = {word: i for i, word in enumerate(SPECIALS + WORDS)}
+    model = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return _wrap(model)
+
+
+def bpe_tokenizer():
+    """Byte-level BPE (as GPT-2, Llama 3 and Qwen2 use) with 300 tokens, trained on WORDS."""
+    model = tokenizers.Tokenizer(tokenizers.models.BPE())
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=SPECIALS, show_progress=False,
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    model.train_from_iterator([" ".join(WORDS)] * 20, trainer)
+    return _wrap(model)
+
+
 def tiny_model_dir(directory, model_type: str, dtype=torch.float32, seed: int = 0):
     """A random-init model of the family and the tiny tokenizer, saved as transformers saves them."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(CONFIGS[model_type]()).to(dtype)
     model.save_pretrained(directory)
-    tiny_tokenizer().save_pretrained(directory)
+    bpe_tokenizer().save_pretrained(directory)
     return directory
 
 
@@ -78,7 +94,7 @@ def test_chat_finetune_of_transformers_models_lowers_held_out_loss(tmp_path, mod
     data = write_chat(tmp_path / "chat.jsonl")
     report = finetune(model=model_dir, data=data, out=tmp_path / "out", steps=6, r=8, lr=1e-2, seq=32, batch=4,
                       compute_dtype=compute_dtype, progress=False)
-    # Random init: about ln(64) = 4.2 before; the answers are learnable from the questions.
+    # Random init: about ln(320) = 5.8 before; the answers are learnable from the questions.
     assert report["held_out_loss_after"] < report["held_out_loss_before"] - 0.3, report
     saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert saved["r"] == 8 and saved["target_modules"]
@@ -99,7 +115,7 @@ def test_text_finetune_of_a_transformers_model_and_the_one_line_errors(tmp_path,
     no_template.mkdir()
     for name in ("config.json", "model.safetensors"):
         (no_template / name).write_bytes((model_dir / name).read_bytes())
-    tokenizer = tiny_tokenizer()
+    tokenizer = bpe_tokenizer()
     tokenizer.chat_template = None
     tokenizer.save_pretrained(no_template)
     (no_template / "chat_template.jinja").unlink(missing_ok=True)
