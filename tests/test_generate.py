@@ -74,7 +74,7 @@ def test_kv_cache_in_chunks_gives_the_full_forward_logits():
         model(torch.zeros(1, 60, dtype=torch.long), past_key_values=cache)
 
 
-def test_embedded_llama_greedy_with_cache_equals_the_dequantised_reference(nf4_checkpoint, tmp_path):
+def test_embedded_llama_greedy_with_cache_equals_the_dequantised_reference(nf4_checkpoint):
     tokenizer = ByteTokenizer()
     prompt = "import os\ndef "
     prompt_ids = tokenizer.encode(prompt, bos=True)
@@ -91,11 +91,6 @@ def test_embedded_llama_greedy_with_cache_equals_the_dequantised_reference(nf4_c
     assert result.token_ids == expected
     assert "".join(pieces) == result.text == tokenizer.decode(expected) and result.tokens_per_second > 0
 
-    # With an adapter, loaded from its directory as the CLI does.
-    _random_adapter(net, tmp_path / "adapter")
-    adapted = generate(prompt, model=nf4_checkpoint, adapter=tmp_path / "adapter", max_new_tokens=8, device="cpu")
-    assert adapted.token_ids == greedy_reference(dequantised_copy(net), prompt_ids, 8) != expected
-
 
 @pytest.mark.parametrize("model_type", ["qwen2"])
 def test_transformers_model_greedy_with_cache_equals_the_dequantised_reference(tmp_path, model_type):
@@ -111,6 +106,7 @@ def test_transformers_model_greedy_with_cache_equals_the_dequantised_reference(t
     assert cached == greedy_reference(dequantised_copy(net), prompt_ids, 12)
     assert len(set(cached)) > 1  # not a degenerate repetition of one token
 
+    # With an adapter, loaded from its directory as the CLI does.
     _random_adapter(net, tmp_path / "adapter")
     adapted = generate(prompt, model=model_dir, adapter=tmp_path / "adapter", max_new_tokens=12,
                        compute_dtype="float32", device="cpu")
