@@ -143,3 +143,17 @@ def test_cli_generates_from_the_embedded_model_and_refuses_bad_input(capsys, tmp
         assert main(["generate", *argv]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_chat_prompt_goes_through_the_template_and_the_byte_tokenizer_refuses_it():
+    pytest.importorskip("transformers")
+    from qlora.errors import UserError
+    from qlora.generate import encode_prompt
+    from test_finetune_hf import word_tokenizer
+
+    tokenizer = word_tokenizer()
+    assert encode_prompt(tokenizer, "hello", chat=True) == tokenizer.convert_tokens_to_ids(
+        ["<user>", "hello", "<end>", "<assistant>"])
+    assert encode_prompt(tokenizer, "hello how") == tokenizer.convert_tokens_to_ids(["hello", "how"])
+    with pytest.raises(UserError, match="no chat template"):
+        encode_prompt(ByteTokenizer(), "hello", chat=True)
