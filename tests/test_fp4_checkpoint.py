@@ -83,7 +83,7 @@ def test_cli_quant_type_fp4_writes_fp4_checkpoints(tmp_path, capsys):
 
 def test_finetune_accepts_fp4_checkpoints_and_names_other_types(tmp_path):
     from qlora.errors import UserError
-    from qlora.finetune import is_quantised
+    from qlora.finetune_model import is_quantised
 
     quant = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "fp4"}
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": quant}))
