@@ -45,7 +45,12 @@ def device_and_dtype(device: str | None, compute_dtype: str) -> tuple[torch.devi
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}.get(compute_dtype)
     if dtype is None:
         raise UserError(f"--compute-dtype {compute_dtype!r}: use bfloat16, float16 or float32")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise UserError(f"--device {device!r}: not a device (use cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: only cpu and cuda are supported")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")
     return device, dtype
@@ -142,7 +147,10 @@ def load_tokenizer(model_dir: Path, vocab_size: int):
     from qlora.tokenizer import VOCAB_SIZE, ByteTokenizer
 
     config_file = model_dir / "tokenizer_config.json"
-    declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    try:
+        declared = json.loads(config_file.read_text()).get("tokenizer_class") if config_file.is_file() else None
+    except (ValueError, AttributeError, RecursionError):
+        raise UserError(f"{config_file}: not a JSON object") from None
     if declared in ("qlora.tokenizer.ByteTokenizer", "qlora.ByteTokenizer", "ByteTokenizer"):
         if vocab_size < VOCAB_SIZE:
             raise UserError(f"{model_dir}: byte tokenizer needs vocab_size >= {VOCAB_SIZE}, config has {vocab_size}")
