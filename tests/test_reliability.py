@@ -6,9 +6,13 @@ process of their own, are in test_reliability_signals.py.
 |------------------------------------------------------------|-------------------------------------------------------|
 | finetune --out is / contains / lies inside model or data   | one line, before anything is touched; inputs intact   |
 | finetune --force, then bad data                            | one line; the old --out untouched                     |
-| finetune --force, during the run / interrupted             | old --out intact until the new one is complete / kept |
+| finetune --force, during the run / interrupted             | old --out intact until the new one is complete / kept,|
+|                                                            |   its partial folder removed                          |
 | finetune --force, completed                                | old --out replaced, no partial folder left            |
 | index weight_map value ../x, absolute, int, null           | one line naming the index; nothing read, no DST       |
+| adapter and resume files                                   | read by fixed names only; the saved model path is     |
+|                                                            |   compared with --model, never opened (no test: no    |
+|                                                            |   path is taken from them)                            |
 | a partial folder of a dead writer / of a live one          | removed with a message / kept                         |
 | quantize: DST appears while quantising, no --force         | one line at the rename; the other DST intact          |
 | no-replace rename onto an empty folder; without renameat2  | refused (os.rename would replace it); same fallback   |
