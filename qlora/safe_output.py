@@ -15,11 +15,13 @@ import contextvars
 import ctypes
 import errno
 import functools
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -28,8 +30,10 @@ from pathlib import Path
 from qlora.errors import UserError
 
 PARTIAL_SUFFIX = ".partial"
-# After ".{dst name}.": the writer's pid, its start time (0 where unknown), mkdtemp's random part.
-_PARTIAL_NAME = re.compile(r"(?P<pid>\d+)-(?P<start>\d+)-[A-Za-z0-9_]+" + re.escape(PARTIAL_SUFFIX))
+# After ".{dst name}.": the writer's host, pid and start time (0 where unknown), mkdtemp's random part.
+# The host: on a shared file system, a pid says nothing about another machine's processes.
+_PARTIAL_NAME = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[A-Za-z0-9_]+" + re.escape(PARTIAL_SUFFIX))
+HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 _RENAME_NOREPLACE = 1  # linux/fs.h
 _RENAME_EXCL = 0x4  # macOS sys/stdio.h
 _partials_of_call: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("qlora_partials", default=None)
@@ -79,7 +83,7 @@ def _current_umask() -> int:
 def make_partial_dir(dst: Path) -> Path:
     """A new empty folder beside dst, named after this process, readable as dst itself will be."""
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{_process_start(os.getpid()) or 0}-"
+    tag = f"{HOST_TAG}-{os.getpid()}-{_process_start(os.getpid()) or 0}-"
     path = Path(tempfile.mkdtemp(prefix=f".{dst.name}.{tag}", suffix=PARTIAL_SUFFIX, dir=dst.parent))
     os.chmod(path, 0o777 & ~_current_umask())  # mkdtemp makes it private; dst should not be
     registered = _partials_of_call.get()
@@ -89,14 +93,15 @@ def make_partial_dir(dst: Path) -> Path:
 
 
 def remove_stale_partials(dst: Path) -> list[Path]:
-    """Remove the partial folders of dst whose writer is no longer running, saying so on stderr."""
+    """Remove the partial folders of dst whose writer (on this host) is no longer running, saying so
+    on stderr."""
     parent, prefix = dst.parent, f".{dst.name}."
     if not parent.is_dir():
         return []
     removed = []
     for entry in sorted(parent.iterdir()):
         match = _PARTIAL_NAME.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
-        if match is None or entry.is_symlink() or not entry.is_dir():
+        if match is None or match["host"] != HOST_TAG or entry.is_symlink() or not entry.is_dir():
             continue
         pid, start = int(match["pid"]), int(match["start"])
         if _is_running(pid, start):

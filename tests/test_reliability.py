@@ -14,6 +14,7 @@ process of their own, are in test_reliability_signals.py.
 |                                                            |   compared with --model, never opened (no test: no    |
 |                                                            |   path is taken from them)                            |
 | a partial folder of a dead writer / of a live one          | removed with a message / kept                         |
+|   / of another host (shared file system) / of another DST  | kept / kept                                           |
 | quantize: DST appears while quantising, no --force         | one line at the rename; the other DST intact          |
 | no-replace rename onto an empty folder; without renameat2  | refused (os.rename would replace it); same fallback   |
 | tokenizer_config auto_map, "y" on stdin                    | one line; the model's code never runs                 |
@@ -196,17 +197,19 @@ def test_index_values_must_name_files_inside_the_checkpoint(tmp_path, capsys, va
 def test_stale_partial_folders_are_removed_and_live_ones_kept(tmp_path, capsys):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".dst.{dead.pid}-12345-abc.partial"
-    live = tmp_path / f".dst.{os.getpid()}-{so._process_start(os.getpid()) or 0}-xyz.partial"
-    reused = tmp_path / f".dst.{os.getpid()}-1-reused.partial"  # our pid, another start time: a dead writer
-    other = tmp_path / ".other.1-1-abc.partial"
-    for folder in (stale, live, reused, other):
+    host = so.HOST_TAG
+    stale = tmp_path / f".dst.{host}-{dead.pid}-12345-abc.partial"
+    live = tmp_path / f".dst.{host}-{os.getpid()}-{so._process_start(os.getpid()) or 0}-xyz.partial"
+    reused = tmp_path / f".dst.{host}-{os.getpid()}-1-reused.partial"  # our pid, another start: a dead writer
+    elsewhere = tmp_path / f".dst.{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.pid}-1-abc.partial"  # another host
+    other = tmp_path / f".other.{host}-{dead.pid}-1-abc.partial"
+    for folder in (stale, live, reused, elsewhere, other):
         folder.mkdir()
         (folder / "model.safetensors").write_bytes(b"half")
     quantize_checkpoint(small_model(tmp_path / "m"), tmp_path / "dst", progress=False)
     err = capsys.readouterr().err
     assert str(stale) in err and f"process {dead.pid}" in err
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and elsewhere.exists() and other.exists()
     assert not reused.exists() or so._process_start(os.getpid()) is None
 
 
