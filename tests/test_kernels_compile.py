@@ -120,6 +120,7 @@ SM90_CHECK = textwrap.dedent('''
     # IEEE reciprocal, not rcp.approx: the thresholds compare exactly; NaN takes bin 0 by cvt.rzi's rule.
     assert "div.rn.f32" in quant.asm["ptx"] and "rcp.approx" not in quant.asm["ptx"]
     assert "cvt.rzi.s32.f32" in quant.asm["ptx"]
+    assert "max.NaN.f32" in quant.asm["ptx"]  # a NaN input makes its block's absmax NaN (quantize_nf4's check)
     build(Q._quantize_absmax_kernel, dict(absmax_ptr="*fp32", offset_ptr="*fp32", midpoints_ptr="*fp32",
           codes_ptr="*u8", nested_absmax_ptr="*fp32", n="i32"), dict(NESTED_BLOCKSIZE=256), num_warps=4)
     for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)):

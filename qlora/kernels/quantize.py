@@ -161,7 +161,11 @@ def _quantize_tile(x_ptr, table, packed_ptr, absmax_ptr, tile, numel, elem_limit
         x = tl.load(x_ptr + elem_idx).to(tl.float32)
     # A NaN anywhere makes the block's absmax NaN (as torch's amax): quantize_nf4 checks the
     # scales, 1/blocksize of the input, for NaN and Inf instead of reading the input twice.
-    absmax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
+    if ON_GPU:
+        absmax = tl.reduce(tl.abs(x), 1, _max_keeping_nan)
+    else:  # the interpreter's max drops NaN, and a Python combine function is very slow there
+        absmax = tl.max(tl.abs(x), axis=1)
+        absmax = tl.where(tl.max((x != x).to(tl.int32), axis=1) > 0, float("nan"), absmax)
     # IEEE reciprocal (div.rn, not the approximate one): the thresholds are compared exactly.
     # An all-zero block gets 1/0 = inf and y = 0 * inf = NaN, which exceeds no threshold: code 0.
     y = x * tl.div_rn(tl.full([BLOCKS_PER_TILE], 1.0, tl.float32), absmax)[:, None]
