@@ -22,8 +22,20 @@ def is_bnb_linear4bit(module: nn.Module) -> bool:
     return type(module).__name__ in _BNB_4BIT_CLASSES and getattr(weight, "quant_state", None) is not None
 
 
+def _undo_cpu_packing(module: nn.Module) -> None:
+    """bitsandbytes' CPU backend repacks a Linear4bit on its first eval forward (codes reordered,
+    double-quantised absmax expanded to bfloat16); its own inverse gives back the checkpoint layout
+    (the codes exactly, the absmax requantised from those bfloat16 values), as its save does."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+        module.weight.data, module.weight.quant_state)
+
+
 def nf4_weight_of(module: nn.Module, name: str) -> NF4Weight:
     """The NF4Weight sharing a bitsandbytes Linear4bit's packed bytes and quant state tensors."""
+    if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        _undo_cpu_packing(module)
     state = module.weight.quant_state
     if state.quant_type != "nf4":
         raise ValueError(f"{name}: bitsandbytes quant_type {state.quant_type!r} is not supported, only 'nf4'")
