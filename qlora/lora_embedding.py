@@ -66,11 +66,12 @@ class LoRAEmbedding(nn.Module):
 
     @torch.no_grad()
     def merged_embedding(self, dtype: torch.dtype | None = None) -> nn.Embedding:
-        """The base nn.Embedding (same class, so embed_scale and the like stay) holding W + delta."""
+        """The base nn.Embedding (same class, so embed_scale and the like stay) holding W + delta,
+        written into its own Parameter as PEFT merges: an lm_head tied to it stays tied (and so
+        sees the update too, as with PEFT)."""
         base = self.base_layer
-        dtype = dtype or base.weight.dtype
         weight = base.weight.float() + self.delta_weight(torch.float32)
-        base.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        base.weight.data = weight.to(dtype or base.weight.dtype)
         return base
 
     def extra_repr(self) -> str:
