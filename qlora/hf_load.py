@@ -141,13 +141,14 @@ def _materialise_computed_buffers(model: nn.Module, device) -> None:
         meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
         if not meta:
             continue
+        prefix = module_name + "." if module_name else ""
         if not hasattr(model, "_init_weights"):
-            left.extend(f"{module_name}.{n}" for n in meta)
+            left.extend(prefix + n for n in meta)
             continue
         for n in meta:
             buffer = torch.empty_like(module._buffers[n], device=device)
             module._buffers[n] = buffer.fill_(float("nan")) if buffer.is_floating_point() else buffer
-            computed.append((f"{module_name}.{n}", module, n))
+            computed.append((prefix + n, module, n))
         loaded = {n: p for n, p in module._parameters.items() if p is not None}
         for n, p in loaded.items():
             module._parameters[n] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)

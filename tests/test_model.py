@@ -335,3 +335,33 @@ def test_prepare_model_with_bfloat16_adapters_trains_in_bfloat16():
 
     expected = reference(model[2], torch.relu(reference(model[0], x.double())))
     assert (out.double() - expected).norm() / expected.norm() < 2e-2  # bf16 compute
+
+
+class ComputedBuffer(nn.Module):
+    """A linear plus a non-persistent buffer its _init_weights forgets to compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+        self.register_buffer("inv_freq", torch.arange(8.0), persistent=False)
+
+    def _init_weights(self, module):
+        pass
+
+
+def test_load_quantized_fails_loudly_on_a_buffer_nothing_computes(tmp_path):
+    from safetensors.torch import save_file
+    source = ComputedBuffer()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = ComputedBuffer()
+    with pytest.raises(ValueError, match=r"_init_weights did not compute the buffers inv_freq"):
+        load_quantized(model, tmp_path)
+    del ComputedBuffer._init_weights  # without an _init_weights nothing can compute it either
+    try:
+        with torch.device("meta"):
+            model = ComputedBuffer()
+        with pytest.raises(ValueError, match=r"still on the meta device after loading: inv_freq"):
+            load_quantized(model, tmp_path)
+    finally:
+        ComputedBuffer._init_weights = lambda self, module: None
