@@ -26,11 +26,14 @@ def _as_conv1d(linear: nn.Linear) -> nn.Module:
 
 
 @torch.no_grad()
-def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, nf4: bool = False) -> dict[str, dict]:
-    """Fold every adapter into its base and drop the LoRA modules; returns {layer: report} (the
-    requantisation error with nf4=True, else {}). dtype: of the merged weights (default: each
-    weight's original dtype). The model's save_pretrained is transformers' own again afterwards."""
-    reports: dict[str, dict] = {}
+def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, nf4: bool = False,
+                     report: dict | None = None) -> nn.Module:
+    """Fold every adapter into its base, drop the LoRA modules and return the model, as PEFT's
+    merge_and_unload does. dtype: of the merged weights (default: each weight's original dtype).
+    nf4=True: requantise instead; `report`, when given, receives {layer: errors of the requantised
+    weight} (max_abs_error, rms_error, and delta_rms, the size of the update itself). The model's
+    save_pretrained is transformers' own again afterwards."""
+    reports = {} if report is None else report
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRAEmbedding):
             set_submodule(model, name, module.merged_embedding(dtype))
@@ -44,8 +47,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, nf4: bo
                 continue
             linear = module.merged_linear(dtype or module.weight_dtype)
             set_submodule(model, name, _as_conv1d(linear) if getattr(module, "fan_in_fan_out", False) else linear)
-            reports[name] = {}
     for p in model.parameters():
         p.requires_grad_(False)
-    model.__dict__.pop("save_pretrained", None)
-    return reports
+    for method in ("save_pretrained", "merge_and_unload"):
+        model.__dict__.pop(method, None)
+    return model

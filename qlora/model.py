@@ -16,12 +16,13 @@ from qlora.bnb_bridge import convert_bnb_layers
 from qlora.hf_load import load_quantized
 from qlora.layer import QuantLoRALinear
 from qlora.lora_embedding import LoRAEmbedding
+from qlora.merge import merge_and_unload
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
 from qlora.peft_format import load_adapter, save_adapter, save_pretrained_adapter
 from qlora.targets import ALL_LINEAR, is_conv1d, matches, quantised_layers, select_targets, set_submodule
 
 __all__ = ["ALL_LINEAR", "count_parameters", "enable_checkpointing", "load_adapter", "load_quantized",
-           "prepare_model", "quantised_layers", "save_adapter", "select_targets"]
+           "merge_and_unload", "prepare_model", "quantised_layers", "save_adapter", "select_targets"]
 BIAS_OPTIONS = ("none", "all", "lora_only")
 
 
@@ -163,7 +164,8 @@ def prepare_model(
     float32 and make inputs require grad (so gradient checkpointing works). Layers already quantised
     (by load_quantized, or bitsandbytes Linear4bit layers of a model transformers loaded in 4 bit)
     just get adapters; named embeddings get a LoRAEmbedding. Modifies and returns the model, whose
-    save_pretrained then writes the PEFT adapter (as a PeftModel's does).
+    save_pretrained then writes the PEFT adapter and whose merge_and_unload() folds the adapters in,
+    as a PeftModel's do.
 
     adapter_dtype: float32 is PEFT's default; bfloat16 (the QLoRA paper's script) halves the
     adapters, their gradients and what the optimizer reads.
@@ -184,6 +186,7 @@ def prepare_model(
     _upcast_norms(model)
     _make_inputs_require_grad(model)
     model.save_pretrained = types.MethodType(save_pretrained_adapter, model)
+    model.merge_and_unload = types.MethodType(merge_and_unload, model)
     if getattr(model, "hf_quantizer", None) is not None:
         # transformers' Trainer refuses a 4-bit model without PEFT adapters; this one has qlora's.
         model._hf_peft_config_loaded = True

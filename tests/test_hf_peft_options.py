@@ -159,23 +159,30 @@ def test_dora_is_refused_with_a_clear_error(tmp_path):
         load_adapter(model, tmp_path)
 
 
-def test_trainer_with_paged_adamw_saves_the_peft_adapter(tmp_path):
-    """The README's recipe: Trainer(optimizers=(PagedAdamW32bit(...), None)) on a prepared model;
-    trainer.save_model writes the PEFT adapter, which PEFT loads."""
+@pytest.mark.parametrize("handed_as", ["optimizers", "optimizer_cls_and_kwargs"])
+def test_trainer_with_paged_adamw_saves_the_peft_adapter(handed_as, tmp_path):
+    """The README's recipe: Trainer(optimizers=(PagedAdamW32bit(...), None)), or
+    optimizer_cls_and_kwargs=(PagedAdamW32bit, {...}), on a prepared model; trainer.save_model
+    writes the PEFT adapter, which PEFT loads."""
     from qlora.optim import PagedAdamW32bit
 
     model = prepare_model(tiny_model("llama"), r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
     ids = tokens(batch=4, seq=16)
     data = [{"input_ids": row, "labels": row} for row in ids]
-    optimizer = PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    kwargs = {"lr": 1e-2, "weight_decay": 0.0}
+    if handed_as == "optimizers":
+        handed = {"optimizers": (PagedAdamW32bit([p for p in model.parameters() if p.requires_grad], **kwargs),
+                                 None)}
+    else:
+        handed = {"optimizer_cls_and_kwargs": (PagedAdamW32bit, kwargs)}
     args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
                                           max_steps=4, logging_steps=1, report_to=[], save_strategy="no",
                                           use_cpu=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, optimizers=(optimizer, None))
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, **handed)
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    assert trainer.optimizer.optimizer.__class__ is PagedAdamW32bit if hasattr(trainer.optimizer, "optimizer") \
-        else trainer.optimizer is optimizer
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
+    assert type(inner) is PagedAdamW32bit
     assert len(losses) == 4 and losses[-1] < losses[0], losses
     trainer.save_model(str(tmp_path / "out"))
     assert {p.name for p in (tmp_path / "out").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
@@ -190,7 +197,8 @@ def test_merge_back_to_nf4_reports_the_requantisation_error():
     ids = tokens()
     trained = logits(model, ids)
     lossless = logits(_merged_copy(model), ids)
-    reports = merge_and_unload(model, nf4=True)
+    reports = {}
+    assert model.merge_and_unload(nf4=True, report=reports) is model  # PEFT's method on the model
     assert len(reports) == 14 and all(r["rms_error"] > 0 and r["delta_rms"] > 0 for r in reports.values())
     layers = [m for m in model.modules() if isinstance(m, QuantLoRALinear)]
     assert len(layers) == 14 and all(m.r == 0 and not m.merged for m in layers)
