@@ -7,8 +7,6 @@ embed_scale (Gemma) multiplies the update as it multiplies the base lookup.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +29,6 @@ class LoRAEmbedding(nn.Module):
         device = base_layer.weight.device
         self.lora_embedding_A = nn.Parameter(torch.zeros(self.r, self.num_embeddings, device=device, dtype=dtype))
         self.lora_embedding_B = nn.Parameter(torch.randn(self.embedding_dim, self.r, device=device, dtype=dtype))
-        self._adapter_disabled = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -44,8 +41,6 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(ids)
-        if self._adapter_disabled:
-            return out
         base = self.base_layer
         after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
@@ -55,14 +50,6 @@ class LoRAEmbedding(nn.Module):
         if isinstance(embed_scale, torch.Tensor):
             update = update * embed_scale.to(update.dtype)
         return out + update.to(out.dtype)
-
-    @contextlib.contextmanager
-    def disable_adapter(self):
-        previous, self._adapter_disabled = self._adapter_disabled, True
-        try:
-            yield self
-        finally:
-            self._adapter_disabled = previous
 
     @torch.no_grad()
     def merged_embedding(self, dtype: torch.dtype | None = None) -> nn.Embedding:

@@ -1,6 +1,9 @@
 """Tiny random-init transformers models of the families users bring, shared by tests/test_hf_*.py."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
 
 VOCAB = 256
@@ -34,3 +37,49 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0):
 
 def tokens(seed: int = 1, batch: int = 2, seq: int = 16) -> torch.Tensor:
     return torch.randint(1, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: thread start-up costs more than the work (several times, on a busy CI runner).
+    A module imports it to use it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def train(model, ids, steps, lr):
+    """AdamW on the trainable parameters, the batch as its own labels; the losses."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def dequantised_base(model):
+    """The prepared model without adapters, every 4-bit layer dequantised back to its own class."""
+    from qlora.layer import QuantLoRALinear
+    from qlora.lora_embedding import LoRAEmbedding
+    from qlora.merge import merge_and_unload
+    from qlora.targets import set_submodule
+
+    twin = copy.deepcopy(model)
+    for name, layer in list(twin.named_modules()):
+        if isinstance(layer, LoRAEmbedding):
+            set_submodule(twin, name, layer.base_layer)
+        elif isinstance(layer, QuantLoRALinear):
+            layer.add_adapter(0, 1)
+    merge_and_unload(twin)
+    return twin.eval()

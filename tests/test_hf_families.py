@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("bitsandbytes")
 
-from hf_families import FAMILIES, tiny_config, tiny_model, tokens  # noqa: E402
+from hf_families import FAMILIES, dequantised_base, logits, one_thread, tiny_config, tiny_model, tokens, train  # noqa: E402,F401
 from qlora.convert import quantize_checkpoint  # noqa: E402
 from qlora.layer import QuantLoRALinear  # noqa: E402
 from qlora.merge import merge_and_unload  # noqa: E402
@@ -22,20 +22,6 @@ from qlora.model import load_quantized, prepare_model  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: thread start-up costs more than the work (several times, on a busy CI runner)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
 
 
 def rel_error(got, want):
@@ -52,31 +38,6 @@ def dequantised_reference(model):
     twin = copy.deepcopy(model)
     merge_and_unload(twin)
     return twin
-
-
-def base_without_adapters(model):
-    """The dequantised base, adapters dropped: what PEFT wraps when it loads our adapter."""
-    twin = copy.deepcopy(model)
-    for layer in twin.modules():
-        if isinstance(layer, QuantLoRALinear):
-            layer.add_adapter(0, 1)
-    merge_and_unload(twin)
-    return twin
-
-
-def train(model, steps=6, lr=2e-2):
-    ids = tokens(seed=3, batch=2, seq=24)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    model.eval()
-    return losses
 
 
 def greedy_without_cache(model, prompt, n):
@@ -141,7 +102,8 @@ def test_family_quantize_load_prepare_train_generate_save_merge(family, dtype_na
 
     # Training the qlora-loaded model lowers the loss.
     prepare_model(ours, r=8, alpha=16, dropout=0.0, compute_dtype=dtype, verbose=False)
-    losses = train(ours)
+    losses = train(ours, tokens(seed=3, batch=2, seq=24), steps=6, lr=2e-2)
+    ours.eval()
     assert losses[-1] < losses[0] - 0.05, losses
 
     # generate (KV cache) == greedy decoding of the dequantised, merged reference without cache.
@@ -156,7 +118,7 @@ def test_family_quantize_load_prepare_train_generate_save_merge(family, dtype_na
     ours.save_pretrained(tmp_path / "adapter")
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["adapter_config.json",
                                                                        "adapter_model.safetensors"]
-    peft_model = peft.PeftModel.from_pretrained(base_without_adapters(ours), str(tmp_path / "adapter")).eval()
+    peft_model = peft.PeftModel.from_pretrained(dequantised_base(ours), str(tmp_path / "adapter")).eval()
     assert rel_error(logits(peft_model, ids), trained) < slack + 1e-5
     # And the whole-model merge keeps the trained function.
     merge_and_unload(ours)

@@ -14,28 +14,14 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from hf_families import tiny_model, tokens  # noqa: E402
+from hf_families import dequantised_base, logits, one_thread, tiny_model, tokens  # noqa: E402,F401
 from qlora.layer import QuantLoRALinear  # noqa: E402
 from qlora.lora_embedding import LoRAEmbedding  # noqa: E402
 from qlora.merge import merge_and_unload  # noqa: E402
 from qlora.model import load_adapter, prepare_model, save_adapter  # noqa: E402
-from qlora.targets import set_submodule  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc", "wte", "wpe"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(input_ids=ids).logits.float()
 
 
 def randomise_adapters(model, seed=2):
@@ -46,18 +32,6 @@ def randomise_adapters(model, seed=2):
             nn.init.normal_(layer.lora_B.weight, std=0.05)
         elif isinstance(layer, LoRAEmbedding):
             nn.init.normal_(layer.lora_embedding_A, std=0.05)
-
-
-def dequantised_base(model):
-    """The prepared model without adapters, every 4-bit layer dequantised back to its own class."""
-    twin = copy.deepcopy(model)
-    for name, layer in list(twin.named_modules()):
-        if isinstance(layer, LoRAEmbedding):
-            set_submodule(twin, name, layer.base_layer)
-        elif isinstance(layer, QuantLoRALinear):
-            layer.add_adapter(0, 1)
-    merge_and_unload(twin)
-    return twin.eval()
 
 
 def test_gpt2_conv1d_quantises_transposed_as_bitsandbytes_writes(tmp_path):

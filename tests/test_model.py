@@ -9,6 +9,7 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import hf_families  # noqa: E402
 from qlora.layer import QuantLoRALinear  # noqa: E402
 from qlora.model import enable_checkpointing, load_adapter, load_quantized, prepare_model, save_adapter  # noqa: E402
 
@@ -94,17 +95,7 @@ def test_prepared_model_equals_dequantised_base_until_trained():
 
 
 def train(model, steps=20, lr=1e-2):
-    ids = tokens(seed=3, batch=4, seq=32)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return hf_families.train(model, tokens(seed=3, batch=4, seq=32), steps, lr)
 
 
 def test_tiny_llama_trains_20_steps_and_loss_falls():
