@@ -12,6 +12,7 @@ from torch import nn
 
 from qlora.layer import QuantLoRALinear
 from qlora.lora_embedding import LoRAEmbedding
+from qlora.lora_linear import LoRALinear
 from qlora.targets import set_submodule
 
 
@@ -37,6 +38,8 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, nf4: bo
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRAEmbedding):
             set_submodule(model, name, module.merged_embedding(dtype))
+        elif isinstance(module, LoRALinear):
+            set_submodule(model, name, module.merged_linear(dtype))
         elif isinstance(module, QuantLoRALinear):
             if nf4:
                 if module.r > 0 and not module.merged:

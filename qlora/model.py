@@ -16,6 +16,7 @@ from qlora.bnb_bridge import convert_bnb_layers
 from qlora.hf_load import load_quantized
 from qlora.layer import QuantLoRALinear
 from qlora.lora_embedding import LoRAEmbedding
+from qlora.lora_linear import LoRALinear
 from qlora.merge import merge_and_unload
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
 from qlora.peft_format import load_adapter, save_adapter, save_pretrained_adapter
@@ -103,10 +104,13 @@ def _quantised(module: nn.Module, name: str, blocksize: int, double_quant: bool,
 
 
 def _adapt(model: nn.Module, name: str, r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant,
-           adapter_dtype) -> None:
+           adapter_dtype, skip) -> None:
     module = model.get_submodule(name)
-    if isinstance(module, LoRAEmbedding) or (isinstance(module, QuantLoRALinear) and module.r > 0):
+    if isinstance(module, (LoRAEmbedding, LoRALinear)) or (isinstance(module, QuantLoRALinear) and module.r > 0):
         raise ValueError(f"{name}: already has an adapter (r={module.r})")
+    if isinstance(module, nn.Linear) and any(matches(name, s) for s in skip):
+        set_submodule(model, name, LoRALinear(module, r, alpha, dropout, use_rslora, dtype=adapter_dtype))
+        return
     if isinstance(module, QuantLoRALinear):
         module.compute_dtype = compute_dtype
         module.add_adapter(r, alpha, dropout, use_rslora, dtype=adapter_dtype)
@@ -163,7 +167,8 @@ def prepare_model(
     """Quantise the chosen linears to NF4 with LoRA adapters, freeze everything else, keep norms in
     float32 and make inputs require grad (so gradient checkpointing works). Layers already quantised
     (by load_quantized, or bitsandbytes Linear4bit layers of a model transformers loaded in 4 bit)
-    just get adapters; named embeddings get a LoRAEmbedding. Modifies and returns the model, whose
+    just get adapters; named embeddings get a LoRAEmbedding, and a named module of `skip` (lm_head)
+    a LoRALinear over its full-precision weight. Modifies and returns the model, whose
     save_pretrained then writes the PEFT adapter and whose merge_and_unload() folds the adapters in,
     as a PeftModel's do.
 
@@ -181,7 +186,8 @@ def prepare_model(
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        _adapt(model, name, r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant, adapter_dtype)
+        _adapt(model, name, r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant, adapter_dtype,
+               skip)
     _unfreeze(model, names, bias, modules_to_save)
     _upcast_norms(model)
     _make_inputs_require_grad(model)

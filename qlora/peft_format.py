@@ -18,6 +18,7 @@ from torch import nn
 from qlora.checkpoint import replacing
 from qlora.layer import QuantLoRALinear, lora_scale
 from qlora.lora_embedding import LoRAEmbedding
+from qlora.lora_linear import LoRALinear
 from qlora.targets import matches, set_submodule
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -31,9 +32,9 @@ _PART = {"lora_A.weight": "A", "lora_B.weight": "B", "lora_embedding_A": "A", "l
 
 
 def adapted_layers(model: nn.Module) -> dict[str, QuantLoRALinear | LoRAEmbedding]:
-    """Layers holding an adapter: QuantLoRALinear with r > 0 and LoRAEmbedding."""
+    """Layers holding an adapter: QuantLoRALinear with r > 0, LoRALinear and LoRAEmbedding."""
     return {n: m for n, m in model.named_modules()
-            if isinstance(m, LoRAEmbedding) or (isinstance(m, QuantLoRALinear) and m.r > 0)}
+            if isinstance(m, (LoRAEmbedding, LoRALinear)) or (isinstance(m, QuantLoRALinear) and m.r > 0)}
 
 
 def _factors(layer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,7 +99,7 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
     if base_model_name_or_path is None:
         config = getattr(model, "config", None)
         base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
-    linears = {n: m for n, m in layers.items() if isinstance(m, QuantLoRALinear)}
+    linears = {n: m for n, m in layers.items() if not isinstance(m, LoRAEmbedding)}
     config = {
         "peft_type": "LORA",
         "task_type": task_type or _task_type(model),
@@ -212,7 +213,8 @@ def _check_layer(weights_file: Path, name: str, layer, parts: dict) -> None:
 @torch.no_grad()
 def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     """Load LoRA adapters saved by PEFT or by save_adapter into the model's QuantLoRALinear layers
-    (layers with r=0 get an adapter of the saved rank) and embeddings (wrapped in a LoRAEmbedding),
+    (layers with r=0 get an adapter of the saved rank), embeddings (wrapped in a LoRAEmbedding) and
+    full-precision linears such as lm_head (wrapped in a LoRALinear),
     with trained biases and modules_to_save. Returns the names of the adapted layers."""
     directory = Path(directory)
     config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
@@ -224,9 +226,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     modules = dict(model.named_modules())
     layers = {n: modules.get(n) for n in saved}
     unknown = sorted(n for n, m in layers.items()
-                     if not isinstance(m, (QuantLoRALinear, LoRAEmbedding, nn.Embedding)))
+                     if not isinstance(m, (QuantLoRALinear, LoRALinear, LoRAEmbedding, nn.Embedding, nn.Linear)))
     if unknown:
-        raise ValueError(f"{weights_file}: adapters for {unknown[:4]} but the model has no QuantLoRALinear or "
+        raise ValueError(f"{weights_file}: adapters for {unknown[:4]} but the model has no linear or "
                          f"embedding there")
     not_in_file = sorted(set(adapted_layers(model)) - set(saved))
     if not_in_file:
@@ -241,6 +243,9 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
         alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
         if isinstance(layer, nn.Embedding):
             layer = LoRAEmbedding(layer, r, alpha, use_rslora)
+            set_submodule(model, name, layer)
+        elif isinstance(layer, nn.Linear):  # a full-precision linear PEFT adapted (lm_head)
+            layer = LoRALinear(layer, r, alpha, float(config.get("lora_dropout", 0.0)), use_rslora)
             set_submodule(model, name, layer)
         elif isinstance(layer, QuantLoRALinear) and layer.r == 0:
             layer.add_adapter(r, alpha, float(config.get("lora_dropout", 0.0)), use_rslora)

@@ -52,13 +52,14 @@ def select_targets(model: nn.Module, target_modules: str | list[str] | tuple[str
             raise ValueError(f"target_modules='all-linear': {type(model).__name__} has no nn.Linear or Conv1D "
                              f"outside skip={list(skip)}")
         return linears
-    candidates = [n for n in candidate_names(model, embeddings=True) if not any(matches(n, s) for s in skip)]
+    # Named targets may name a skipped module (lm_head): it gets LoRA and stays unquantised, as in PEFT.
+    candidates = candidate_names(model, embeddings=True)
     targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     unmatched = [t for t in targets if not any(matches(n, t) for n in candidates)]
     if unmatched:
         available = sorted({n.rsplit(".", 1)[-1] for n in candidates})
-        raise ValueError(f"target_modules {unmatched} matched no nn.Linear in {type(model).__name__} "
-                         f"(skip={list(skip)}); its linear and embedding layers are named {available}")
+        raise ValueError(f"target_modules {unmatched} matched no nn.Linear in {type(model).__name__}; "
+                         f"its linear and embedding layers are named {available}")
     return [n for n in candidates if any(matches(n, t) for t in targets)]
 
 

@@ -72,12 +72,13 @@ def dequantised_base(model):
     """The prepared model without adapters, every 4-bit layer dequantised back to its own class."""
     from qlora.layer import QuantLoRALinear
     from qlora.lora_embedding import LoRAEmbedding
+    from qlora.lora_linear import LoRALinear
     from qlora.merge import merge_and_unload
     from qlora.targets import set_submodule
 
     twin = copy.deepcopy(model)
     for name, layer in list(twin.named_modules()):
-        if isinstance(layer, LoRAEmbedding):
+        if isinstance(layer, (LoRAEmbedding, LoRALinear)):
             set_submodule(twin, name, layer.base_layer)
         elif isinstance(layer, QuantLoRALinear):
             layer.add_adapter(0, 1)

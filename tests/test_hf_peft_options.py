@@ -95,6 +95,27 @@ def test_peft_gpt2_adapter_with_embeddings_loads_in_qlora(tmp_path):
     torch.testing.assert_close(logits(model.eval(), ids), logits(peft_model, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_lm_head_and_embed_tokens_adapters_round_trip_with_peft(tmp_path):
+    """LoRA on lm_head (kept in full precision, as PEFT adapts it) and on embed_tokens."""
+    targets = ["q_proj", "lm_head", "embed_tokens"]
+    model = prepare_model(tiny_model("llama"), target_modules=targets, r=4, dropout=0.0,
+                          compute_dtype=torch.float32, verbose=False)
+    assert type(model.lm_head).__name__ == "LoRALinear" and type(model.lm_head.base_layer) is nn.Linear
+    randomise_adapters(model)
+    torch.manual_seed(3)
+    nn.init.normal_(model.lm_head.lora_B.weight, std=0.05)
+    ids = tokens()
+    ours = logits(model.eval(), ids)
+    save_adapter(model, tmp_path / "ours")
+    peft_model = peft.PeftModel.from_pretrained(dequantised_base(model), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(logits(peft_model, ids), ours, rtol=1e-4, atol=1e-4)
+    peft_model.save_pretrained(str(tmp_path / "theirs"))
+    fresh = prepare_model(tiny_model("llama"), target_modules=["q_proj"], r=0, compute_dtype=torch.float32,
+                          verbose=False)
+    assert set(load_adapter(fresh, tmp_path / "theirs")) >= {"lm_head", "model.embed_tokens"}
+    torch.testing.assert_close(logits(fresh.eval(), ids), ours, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("bias", ["lora_only", "all"])
 def test_bias_and_modules_to_save_train_and_round_trip_with_peft(bias, tmp_path):
     model = prepare_model(tiny_model("qwen2"), target_modules=["q_proj", "v_proj"], r=4, dropout=0.0, bias=bias,

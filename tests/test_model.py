@@ -84,8 +84,9 @@ def test_prepare_model_target_list_and_unmatched_names():
     assert names == {"q_proj", "v_proj"}
     with pytest.raises(ValueError, match=r"\['qkv_proj'\] matched no nn.Linear.*'down_proj'"):
         prepare_model(tiny_llama(), target_modules=["q_proj", "qkv_proj"], verbose=False)
-    with pytest.raises(ValueError, match=r"\['lm_head'\] matched no nn.Linear"):
-        prepare_model(tiny_llama(), target_modules=["lm_head"], verbose=False)  # skipped by default
+    # lm_head (in skip) named as a target: adapted, as PEFT does, and left unquantised.
+    model = prepare_model(tiny_llama(), target_modules=["lm_head"], verbose=False)
+    assert type(model.lm_head.base_layer) is nn.Linear and model.lm_head.r == 64
 
 
 def test_prepared_model_equals_dequantised_base_until_trained():
