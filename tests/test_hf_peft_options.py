@@ -161,7 +161,15 @@ def test_trainer_with_paged_adamw_saves_the_peft_adapter(handed_as, tmp_path):
     writes the PEFT adapter, which PEFT loads."""
     from qlora.optim import PagedAdamW32bit
 
-    model = prepare_model(tiny_model("llama"), r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
+    model = tiny_model("llama")
+    if handed_as == "optimizer_cls_and_kwargs":  # and the tutorial's 4-bit loading, through the bridge
+        pytest.importorskip("bitsandbytes")
+        model.save_pretrained(tmp_path / "src")
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                 bnb_4bit_compute_dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config,
+                                                                  device_map="cpu")
+    model = prepare_model(model, r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
     ids = tokens(batch=4, seq=16)
     data = [{"input_ids": row, "labels": row} for row in ids]
     kwargs = {"lr": 1e-2, "weight_decay": 0.0}
