@@ -1,4 +1,4 @@
-"""The bitsandbytes bridge: a model loaded by transformers with BitsAndBytesConfig(load_in_4bit=True)
+"""The bitsandbytes bridge: a model loaded by transformers with BitsAndBytesConfig(load_in_4bit=True, nf4 or fp4)
 holds bitsandbytes Linear4bit layers; each becomes a QuantLoRALinear around the very same bytes and
 quantisation state (no dequantise / requantise), so the tutorial's loading code feeds prepare_model.
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qlora.codebook import QUANT_TYPES
 from qlora.layer import QuantLoRALinear
 from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight
 from qlora.targets import set_submodule
@@ -37,8 +38,9 @@ def nf4_weight_of(module: nn.Module, name: str) -> NF4Weight:
     if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
         _undo_cpu_packing(module)
     state = module.weight.quant_state
-    if state.quant_type != "nf4":
-        raise ValueError(f"{name}: bitsandbytes quant_type {state.quant_type!r} is not supported, only 'nf4'")
+    if state.quant_type not in QUANT_TYPES:
+        raise ValueError(f"{name}: bitsandbytes quant_type {state.quant_type!r} is not supported, only "
+                         f"{', '.join(map(repr, QUANT_TYPES))}")
     if state.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name}: bitsandbytes weight dtype {state.dtype} is not supported")
     packed = module.weight.data
@@ -51,7 +53,7 @@ def nf4_weight_of(module: nn.Module, name: str) -> NF4Weight:
         nested_absmax=None if nested is None else nested.absmax,
         nested_code=None if nested is None else nested.code,
         offset=None if nested is None else state.offset.reshape(1).float(),
-        nested_blocksize=256 if nested is None else int(nested.blocksize))
+        nested_blocksize=256 if nested is None else int(nested.blocksize), quant_type=state.quant_type)
     weight.validate(f"{name}.weight")
     return weight
 

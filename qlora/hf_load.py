@@ -18,8 +18,9 @@ def _compute_dtype_from_config(path: Path) -> torch.dtype | None:
     config = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not config.is_file():
         return None
-    quant = json.loads(config.read_text()).get("quantization_config") or {}
-    name = quant.get("bnb_4bit_compute_dtype")
+    raw = json.loads(config.read_text())
+    quant = (raw.get("quantization_config") if isinstance(raw, dict) else None) or {}
+    name = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else None
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if dtype in SUPPORTED_DTYPES else None
 

@@ -153,12 +153,9 @@ def _pattern_value(pattern: dict, name: str, default):
 
 
 def _read_config(config_file: Path) -> dict:
-    try:
-        config = json.loads(config_file.read_text())
-        if not isinstance(config, dict):
-            raise ValueError("not a JSON object")
-    except ValueError as err:
-        raise ValueError(f"{config_file}: not a valid adapter config ({err})") from None
+    from qlora.checkpoint import read_json_object
+
+    config = read_json_object(config_file)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{config_file}: peft_type {config.get('peft_type')!r}, only 'LORA' adapters are supported")
     if config.get("use_dora"):
@@ -194,6 +191,9 @@ def _check_layer(weights_file: Path, name: str, layer, parts: dict) -> None:
     if "A" not in parts or "B" not in parts:
         raise ValueError(f"{weights_file}: {name} has only {sorted(parts)}")
     a, b = parts["A"], parts["B"]
+    if not (a.is_floating_point() and b.is_floating_point()) or not (a.isfinite().all() and b.isfinite().all()):
+        raise ValueError(f"{weights_file}: adapter for {name} holds NaN/Inf or non-float values "
+                         f"(lora_A {a.dtype}, lora_B {b.dtype}); refusing to load it")
     if isinstance(layer, nn.Embedding):
         n_in, n_out = layer.weight.shape
     elif isinstance(layer, LoRAEmbedding):
