@@ -143,6 +143,22 @@ def test_bias_and_modules_to_save_train_and_round_trip_with_peft(bias, tmp_path)
     torch.testing.assert_close(logits(base.eval(), ids), ours, rtol=1e-4, atol=1e-4)
 
 
+def test_bnb_fp4_model_bridges_to_the_same_bytes(tmp_path):
+    """bnb_4bit_quant_type="fp4": the bridge keeps bitsandbytes' FP4 bytes and table."""
+    pytest.importorskip("bitsandbytes")
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+                                             bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config,
+                                                              device_map="cpu")
+    packed = model.model.layers[0].mlp.up_proj.weight.data.clone()
+    prepare_model(model, r=4, compute_dtype=torch.float32, verbose=False)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.nf4_weight.quant_type == "fp4" and torch.equal(layer.weight, packed)
+    reference = dequantised_base(model)
+    torch.testing.assert_close(logits(model, tokens()), logits(reference, tokens()), rtol=1e-5, atol=1e-5)
+
+
 def test_dora_is_refused_with_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="DoRA is not supported"):
         prepare_model(tiny_model("llama"), use_dora=True, verbose=False)

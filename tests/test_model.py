@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 import hf_families  # noqa: E402
+from hf_families import one_thread  # noqa: E402,F401  (tiny matrices: one thread is faster)
 from qlora.layer import QuantLoRALinear  # noqa: E402
 from qlora.model import enable_checkpointing, load_adapter, load_quantized, prepare_model, save_adapter  # noqa: E402
 
