@@ -6,15 +6,31 @@ is built on the meta device from its config.json (transformers' own classes, nev
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from qlora.targets import is_conv1d
+
+
+# Families whose transformers modeling code has only nn.Linear: no need to import transformers and
+# build the model to know (an unknown family is built, so a new one is never quantised the wrong way).
+LINEAR_ONLY_FAMILIES = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi", "phi3", "gemma", "gemma2",
+    "gemma3_text", "falcon", "gpt_neox", "opt", "bloom", "starcoder2", "olmo", "olmo2", "stablelm", "cohere",
+    "granite", "deepseek_v3", "smollm3",
+})
 
 
 def conv1d_module_names(config_dir: Path) -> list[str]:
     """Full names of the Conv1D modules of the model config_dir/config.json describes; [] without
     transformers, a config or a model type transformers knows."""
     if not (config_dir / "config.json").is_file():
+        return []
+    try:
+        model_type = json.loads((config_dir / "config.json").read_text()).get("model_type")
+    except (ValueError, AttributeError):
+        return []  # quantize_checkpoint reports a bad config.json itself
+    if not isinstance(model_type, str) or model_type in LINEAR_ONLY_FAMILIES:
         return []
     try:
         import torch
