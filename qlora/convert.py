@@ -21,6 +21,7 @@ from qlora.checkpoint import (
     DEFAULT_MAX_SHARD_BYTES, INDEX_FILE, PICKLE_SUFFIXES, CheckpointError, ShardWriter, TensorHeader,
     nf4_prefixes, read_json_object, read_tensors, tensor_headers,
 )
+from qlora.conv1d_names import conv1d_module_names, conv1d_weights
 from qlora.kernels.quantize import check_blocksize
 from qlora.codebook import QUANT_TYPES
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
@@ -215,12 +216,14 @@ def _write_tensor(writer: ShardWriter, name: str, tensor: torch.Tensor, header: 
 
 def _write_checkpoint(out_dir: Path, headers: dict[str, TensorHeader], to_quantize: set[str], blocksize: int,
                       double_quant: bool, device: str, allow_nonfinite: bool, max_shard_bytes: int,
-                      summary: QuantizeSummary, progress: bool) -> None:
+                      summary: QuantizeSummary, progress: bool, transposed: frozenset = frozenset()) -> None:
     writer = ShardWriter(out_dir, max_shard_bytes)
     bar = _progress_bar(sum(h.nbytes for h in headers.values()), len(headers), progress)
     try:
         done = 0  # not enumerate(): its cached result tuple would keep the previous tensor alive
         for name, tensor in read_tensors(headers):
+            if name in transposed:  # Conv1D [in, out] -> [out, in], as bitsandbytes quantises it
+                tensor = tensor.T.contiguous()
             _write_tensor(writer, name, tensor, headers[name], name in to_quantize, blocksize, double_quant,
                           device, allow_nonfinite, summary)
             del tensor
@@ -277,6 +280,7 @@ def quantize_checkpoint(
         if not any(module_matches(n[: -len(".weight")], name) for n in headers if n.endswith(".weight")):
             raise CheckpointError(f"--skip {name}: matches no module of {src}")
     to_quantize, kept = plan_quantization(headers, DEFAULT_SKIP + skip)
+    transposed = frozenset(conv1d_weights(to_quantize, conv1d_module_names(src)) if src.is_dir() else ())
     # Full module names: every transformers version's matcher then skips exactly these.
     skipped_modules = sorted(set(kept) | set(DEFAULT_SKIP), key=lambda m: (m != "lm_head", m))
     summary = QuantizeSummary(output=dst, skipped_modules=skipped_modules, quant_type=quant_type)
@@ -285,7 +289,7 @@ def quantize_checkpoint(
     work_dir = make_partial_dir(dst)
     try:
         _write_checkpoint(work_dir, headers, set(to_quantize), blocksize, double_quant, device,
-                          allow_nonfinite, max_shard_bytes, summary, progress)
+                          allow_nonfinite, max_shard_bytes, summary, progress, transposed)
         config["quantization_config"] = quantization_config(double_quant, compute_dtype, skipped_modules, quant_type)
         (work_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         if src.is_dir():

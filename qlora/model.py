@@ -1,79 +1,31 @@
-"""Whole-model QLoRA: swap nn.Linear for QuantLoRALinear, load 4-bit checkpoints, PEFT adapters.
+"""Whole-model QLoRA: swap linears (nn.Linear, transformers' Conv1D, bitsandbytes' Linear4bit) for
+QuantLoRALinear, give named embeddings a LoRAEmbedding, and freeze the rest, as PEFT's
+get_peft_model on a 4-bit model would.
 
 Works on any torch model; Hugging Face models get nothing special beyond the hooks they offer
 (enable_input_require_grads, gradient_checkpointing_enable, config._name_or_path).
 """
 from __future__ import annotations
 
-import json
-import re
-from collections import Counter
-from pathlib import Path
+import types
 
 import torch
 from torch import nn
 
-from qlora.checkpoint import replacing
-from qlora.layer import QuantLoRALinear, lora_scale
-from qlora.nf4 import SUPPORTED_DTYPES, NF4Weight
+from qlora.bnb_bridge import convert_bnb_layers
+from qlora.hf_load import load_quantized
+from qlora.layer import QuantLoRALinear
+from qlora.lora_embedding import LoRAEmbedding
+from qlora.lora_linear import LoRALinear
+from qlora.merge import merge_and_unload
+from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
+from qlora.peft_format import load_adapter, save_adapter, save_pretrained_adapter
+from qlora.targets import ALL_LINEAR, is_conv1d, matches, quantised_layers, select_targets, set_submodule
 
-ALL_LINEAR = "all-linear"
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# PEFT saves adapters under the model wrapped as `base_model.model`.
-PEFT_PREFIX = "base_model.model."
-_ADAPTER_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+__all__ = ["ALL_LINEAR", "count_parameters", "enable_checkpointing", "load_adapter", "load_quantized",
+           "merge_and_unload", "prepare_model", "quantised_layers", "save_adapter", "select_targets"]
+BIAS_OPTIONS = ("none", "all", "lora_only")
 
-
-# ---- finding the layers ---------------------------------------------------------------------------
-
-def _matches(name: str, target: str) -> bool:
-    """PEFT's rule: a target names a module by its full path or by the last parts of it."""
-    return name == target or name.endswith("." + target)
-
-
-def _linear_names(model: nn.Module) -> list[str]:
-    """nn.Linear and QuantLoRALinear modules, leaving out the adapters inside QuantLoRALinear."""
-    names, quantised = [], []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in quantised):
-            continue
-        if isinstance(module, QuantLoRALinear):
-            quantised.append(name)
-            names.append(name)
-        elif isinstance(module, nn.Linear):
-            names.append(name)
-    return names
-
-
-def select_targets(model: nn.Module, target_modules: str | list[str] | tuple[str, ...],
-                   skip: tuple[str, ...] = ("lm_head",)) -> list[str]:
-    """Full names of the linear modules to adapt; raises ValueError naming targets that match nothing."""
-    linears = [n for n in _linear_names(model) if not any(_matches(n, s) for s in skip)]
-    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        if not linears:
-            raise ValueError(f"target_modules='all-linear': {type(model).__name__} has no nn.Linear "
-                             f"outside skip={list(skip)}")
-        return linears
-    targets = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    unmatched = [t for t in targets if not any(_matches(n, t) for n in linears)]
-    if unmatched:
-        available = sorted({n.rsplit(".", 1)[-1] for n in linears})
-        raise ValueError(f"target_modules {unmatched} matched no nn.Linear in {type(model).__name__} "
-                         f"(skip={list(skip)}); its linear layers are named {available}")
-    return [n for n in linears if any(_matches(n, t) for t in targets)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
-def quantised_layers(model: nn.Module) -> dict[str, QuantLoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLoRALinear)}
-
-
-# ---- prepare_model -------------------------------------------------------------------------------
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total); a 4-bit base weight counts as out*in parameters, as PEFT counts them."""
@@ -86,6 +38,28 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
 def _is_norm(module: nn.Module) -> bool:
     # Norm classes differ per model family (LlamaRMSNorm, ...); the class name is the convention.
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
+
+
+def _output_in_input_dtype(module, args, output):
+    """A norm kept in float32 inside a bf16/fp16 model returns its input's dtype, as it did before:
+    otherwise float32 activations reach the model's bf16 layers (lm_head) and the matmul fails."""
+    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor) \
+            and output.dtype != args[0].dtype and args[0].is_floating_point():
+        return output.to(args[0].dtype)
+    return output
+
+
+def _upcast_norms(model: nn.Module) -> None:
+    """Norm parameters in float32 (numerically safer; they are few), outputs in the model's dtype."""
+    for module in model.modules():
+        if not _is_norm(module):
+            continue
+        lower = [p for p in module.parameters(recurse=False) if p.is_floating_point() and p.dtype != torch.float32]
+        for p in lower:
+            p.data = p.data.float()
+        if lower and not getattr(module, "_qlora_keeps_dtype", False):
+            module.register_forward_hook(_output_in_input_dtype)
+            module._qlora_keeps_dtype = True
 
 
 def _make_inputs_require_grad(model: nn.Module) -> None:
@@ -115,6 +89,63 @@ def enable_checkpointing(model: nn.Module, use_reentrant: bool = False) -> None:
         raise ValueError(f"gradient checkpointing: {type(model).__name__} has no gradient_checkpointing_enable()")
 
 
+def _quantised(module: nn.Module, name: str, blocksize: int, double_quant: bool, **kwargs) -> QuantLoRALinear:
+    """nn.Linear or Conv1D -> QuantLoRALinear. Conv1D stores its weight [in, out]: it is quantised
+    transposed, as transformers + bitsandbytes do, and remembered as fan_in_fan_out (PEFT's flag)."""
+    if module.weight.is_meta:
+        raise ValueError(f"{name}: weight is on the meta device; fill the model with load_quantized first")
+    conv1d = is_conv1d(module)
+    weight = module.weight.detach()
+    weight = weight.T.contiguous() if conv1d else weight
+    layer = QuantLoRALinear.from_nf4(quantize_nf4(weight, blocksize, double_quant, name=f"{name}.weight"),
+                                     module.bias, **kwargs)
+    layer.fan_in_fan_out = conv1d
+    return layer
+
+
+def _adapt(model: nn.Module, name: str, r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant,
+           adapter_dtype, skip) -> None:
+    module = model.get_submodule(name)
+    if isinstance(module, (LoRAEmbedding, LoRALinear)) or (isinstance(module, QuantLoRALinear) and module.r > 0):
+        raise ValueError(f"{name}: already has an adapter (r={module.r})")
+    if isinstance(module, nn.Linear) and any(matches(name, s) for s in skip):
+        set_submodule(model, name, LoRALinear(module, r, alpha, dropout, use_rslora, dtype=adapter_dtype))
+        return
+    if isinstance(module, QuantLoRALinear):
+        module.compute_dtype = compute_dtype
+        module.add_adapter(r, alpha, dropout, use_rslora, dtype=adapter_dtype)
+    elif isinstance(module, nn.Embedding):
+        set_submodule(model, name, LoRAEmbedding(module, r, alpha, use_rslora, dtype=adapter_dtype))
+    else:
+        set_submodule(model, name, _quantised(
+            module, name, blocksize, double_quant, r=r, alpha=alpha, dropout=dropout, compute_dtype=compute_dtype,
+            use_rslora=use_rslora, adapter_dtype=adapter_dtype))
+
+
+def _unfreeze(model: nn.Module, names: list[str], bias: str, modules_to_save) -> None:
+    """PEFT's bias= and modules_to_save: which base parameters train besides the adapters."""
+    if bias == "all":
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for name in names:
+            layer_bias = getattr(model.get_submodule(name), "bias", None)
+            if isinstance(layer_bias, nn.Parameter):
+                layer_bias.requires_grad_(True)
+    saved = []
+    for target in modules_to_save or ():
+        found = [n for n, _ in model.named_modules() if n and matches(n, target)]
+        if not found:
+            raise ValueError(f"modules_to_save {target!r} matches no module of {type(model).__name__}")
+        for name in found:
+            for p in model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+        saved.extend(found)
+    model._qlora_modules_to_save = sorted(set(saved))
+    model._qlora_bias = bias
+
+
 def prepare_model(
     model: nn.Module,
     target_modules: str | list[str] = ALL_LINEAR,
@@ -129,37 +160,42 @@ def prepare_model(
     gradient_checkpointing: bool = False,
     verbose: bool = True,
     adapter_dtype: torch.dtype = torch.float32,
+    bias: str = "none",
+    modules_to_save: list[str] | None = None,
+    use_dora: bool = False,
 ) -> nn.Module:
     """Quantise the chosen linears to NF4 with LoRA adapters, freeze everything else, keep norms in
     float32 and make inputs require grad (so gradient checkpointing works). Layers already quantised
-    (by load_quantized) just get adapters. Modifies and returns the model.
+    (by load_quantized, or bitsandbytes Linear4bit layers of a model transformers loaded in 4 bit)
+    just get adapters; named embeddings get a LoRAEmbedding, and a named module of `skip` (lm_head)
+    a LoRALinear over its full-precision weight. Modifies and returns the model, whose
+    save_pretrained then writes the PEFT adapter and whose merge_and_unload() folds the adapters in,
+    as a PeftModel's do.
 
     adapter_dtype: float32 is PEFT's default; bfloat16 (the QLoRA paper's script) halves the
-    adapters, their gradients and what the optimizer reads."""
+    adapters, their gradients and what the optimizer reads.
+    bias, modules_to_save: as in peft.LoraConfig ("none", "all" or "lora_only"; module names)."""
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+    if use_dora:
+        raise ValueError("use_dora=True: DoRA is not supported by qlora; use plain LoRA (use_dora=False)")
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(f"bias={bias!r}: expected one of {', '.join(BIAS_OPTIONS)}")
+    convert_bnb_layers(model)
     names = select_targets(model, target_modules, skip)
     for p in model.parameters():
         p.requires_grad_(False)
     for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, QuantLoRALinear):
-            if module.r > 0:
-                raise ValueError(f"{name}: already has an adapter (r={module.r})")
-            module.compute_dtype = compute_dtype
-            module.add_adapter(r, alpha, dropout, use_rslora, dtype=adapter_dtype)
-        else:
-            if module.weight.is_meta:
-                raise ValueError(f"{name}: weight is on the meta device; fill the model with load_quantized first")
-            _set_submodule(model, name, QuantLoRALinear.from_linear(
-                module, r=r, alpha=alpha, dropout=dropout, compute_dtype=compute_dtype,
-                use_rslora=use_rslora, blocksize=blocksize, double_quant=double_quant,
-                adapter_dtype=adapter_dtype))
-    for module in model.modules():
-        if _is_norm(module):
-            for p in module.parameters(recurse=False):
-                p.data = p.data.float()
+        _adapt(model, name, r, alpha, dropout, use_rslora, compute_dtype, blocksize, double_quant, adapter_dtype,
+               skip)
+    _unfreeze(model, names, bias, modules_to_save)
+    _upcast_norms(model)
     _make_inputs_require_grad(model)
+    model.save_pretrained = types.MethodType(save_pretrained_adapter, model)
+    model.merge_and_unload = types.MethodType(merge_and_unload, model)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # transformers' Trainer refuses a 4-bit model without PEFT adapters; this one has qlora's.
+        model._hf_peft_config_loaded = True
     if gradient_checkpointing:
         enable_checkpointing(model, use_reentrant=False)
     if verbose:
@@ -167,272 +203,3 @@ def prepare_model(
         print(f"trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f}")
     return model
-
-
-# ---- load_quantized ------------------------------------------------------------------------------
-
-def _compute_dtype_from_config(path: Path) -> torch.dtype | None:
-    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
-    if not config.is_file():
-        return None
-    raw = json.loads(config.read_text())
-    quant = (raw.get("quantization_config") if isinstance(raw, dict) else None) or {}
-    name = quant.get("bnb_4bit_compute_dtype") if isinstance(quant, dict) else None
-    dtype = getattr(torch, name, None) if isinstance(name, str) else None
-    return dtype if dtype in SUPPORTED_DTYPES else None
-
-
-@torch.no_grad()
-def load_quantized(model: nn.Module, path: str | Path, device: torch.device | str = "cpu",
-                   compute_dtype: torch.dtype | None = None) -> nn.Module:
-    """Fill a model built on the meta device from a quantised checkpoint (qlora's, or transformers +
-    bitsandbytes'), one tensor at a time: every linear stored in NF4 becomes a QuantLoRALinear with
-    r=0 (prepare_model adds the adapters) holding the stored bytes, so no full-precision copy of a
-    quantised weight ever exists. Other tensors are loaded as stored (their checkpoint dtype)."""
-    from qlora.checkpoint import nf4_part_names, nf4_prefixes, read_tensors, tensor_headers
-
-    path = Path(path)
-    compute_dtype = compute_dtype or _compute_dtype_from_config(path) or torch.bfloat16
-    headers = tensor_headers(path)
-    used: set[str] = set()
-
-    modules = dict(model.named_modules())
-    for prefix in nf4_prefixes(headers):
-        linear = modules.get(prefix)
-        if not isinstance(linear, (nn.Linear, QuantLoRALinear)):
-            continue
-        parts = [n for n in nf4_part_names(prefix) if n in headers]
-        tensors = {name: t.to(device) for name, t in read_tensors(headers, parts)}
-        weight = NF4Weight.from_state_dict(tensors, prefix)
-        if tuple(weight.shape) != (linear.out_features, linear.in_features):
-            raise ValueError(f"{prefix}.weight: shape {list(weight.shape)} in {path}, but the model's layer is "
-                             f"[{linear.out_features}, {linear.in_features}]")
-        bias = None
-        if linear.bias is not None:
-            if f"{prefix}.bias" not in headers:
-                raise ValueError(f"{prefix}.bias: missing from {path}")
-            (_, bias), = read_tensors(headers, [f"{prefix}.bias"])
-            parts.append(f"{prefix}.bias")
-        _set_submodule(model, prefix, QuantLoRALinear.from_nf4(
-            weight, None if bias is None else bias.to(device), r=0, compute_dtype=compute_dtype))
-        used.update(parts)
-
-    # Everything else, tied tensors (lm_head / embed_tokens) kept tied: one Parameter, every name.
-    by_tensor: dict[int, list[str]] = {}
-    tensors: dict[int, tuple[torch.Tensor, bool]] = {}
-    for name, tensor in _named_tensors(model):
-        by_tensor.setdefault(id(tensor), []).append(name)
-        tensors[id(tensor)] = tensor, isinstance(tensor, nn.Parameter)
-    missing = []
-    for key, names in by_tensor.items():
-        old, is_param = tensors[key]
-        stored = [n for n in names if n in headers]
-        if not stored:
-            if old.is_meta:
-                missing.extend(names)
-            continue
-        (_, value), = read_tensors(headers, stored[:1])
-        if tuple(value.shape) != tuple(old.shape):
-            raise ValueError(f"{stored[0]}: shape {list(value.shape)} in {path}, the model expects {list(old.shape)}")
-        new = nn.Parameter(value.to(device), requires_grad=old.requires_grad) if is_param else value.to(device)
-        for name in names:
-            owner_name, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
-            (owner._parameters if is_param else owner._buffers)[attr] = new
-        used.update(stored)
-    if missing:
-        raise ValueError(f"{path}: no tensor for {', '.join(missing[:8])}"
-                         + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
-    _materialise_computed_buffers(model, device)
-    unused = sorted(set(headers) - used)
-    if unused:
-        import warnings
-        warnings.warn(f"load_quantized: {len(unused)} tensors of {path} fit no module, e.g. {unused[:4]}")
-    return model
-
-
-def _named_tensors(model: nn.Module):
-    """Parameters and persistent buffers by full name, tied ones listed under every name, outside
-    the QuantLoRALinear layers (built whole from the checkpoint)."""
-    quantised = tuple(name + "." for name in quantised_layers(model))
-    for module_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, QuantLoRALinear) or (module_name + ".").startswith(quantised):
-            continue
-        prefix = module_name + "." if module_name else ""
-        for name, p in module._parameters.items():
-            if p is not None:
-                yield prefix + name, p
-        for name, b in module._buffers.items():
-            if b is not None and name not in module._non_persistent_buffers_set:
-                yield prefix + name, b
-
-
-def _materialise_computed_buffers(model: nn.Module, device) -> None:
-    """Non-persistent buffers (rotary inv_freq, ...) are computed, not stored: allocate them and let
-    a Hugging Face model's _init_weights compute them; anything else left on meta is an error."""
-    left = []
-    for module_name, module in model.named_modules():
-        meta = [n for n, b in module._buffers.items() if b is not None and b.is_meta]
-        if not meta:
-            continue
-        if not hasattr(model, "_init_weights") or any(p.is_meta for p in module.parameters(recurse=False)):
-            left.extend(f"{module_name}.{n}" for n in meta)
-            continue
-        for n in meta:
-            module._buffers[n] = torch.empty_like(module._buffers[n], device=device)
-        model._init_weights(module)
-    left += [n for n, p in model.named_parameters() if p.is_meta]
-    if left:
-        raise ValueError(f"load_quantized: still on the meta device after loading: {', '.join(left[:8])}")
-
-
-# ---- adapters in PEFT's format -------------------------------------------------------------------
-
-def _uniform(values: dict[str, object], what: str):
-    distinct = set(values.values())
-    if len(distinct) > 1:
-        raise ValueError(f"save_adapter: layers differ in {what} ({sorted(map(str, distinct))}); "
-                         "PEFT's format holds one value")
-    return distinct.pop()
-
-
-def _dropout_p(layer: QuantLoRALinear) -> float:
-    return float(getattr(layer.lora_dropout, "p", 0.0))
-
-
-def _task_type(model: nn.Module) -> str | None:
-    name = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
-                         ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(suffix):
-            return task
-    return None
-
-
-def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> Path:
-    """Write adapter_config.json and adapter_model.safetensors as PEFT does (float32, keys
-    `base_model.model.<module>.lora_A.weight`), so peft.PeftModel.from_pretrained loads them."""
-    from safetensors.torch import save_file
-
-    layers = {n: m for n, m in quantised_layers(model).items() if m.r > 0}
-    if not layers:
-        raise ValueError(f"save_adapter: {type(model).__name__} has no QuantLoRALinear with an adapter (r > 0)")
-    ranks = {n: m.r for n, m in layers.items()}
-    alphas = {n: m.alpha for n, m in layers.items()}
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    if base_model_name_or_path is None:
-        config = getattr(model, "config", None)
-        base_model_name_or_path = getattr(model, "name_or_path", None) or getattr(config, "_name_or_path", None) or None
-    config = {
-        "peft_type": "LORA",
-        "task_type": task_type or _task_type(model),
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": alpha,
-        "lora_dropout": _uniform({n: _dropout_p(m) for n, m in layers.items()}, "dropout"),
-        "target_modules": sorted(layers),
-        "bias": "none",
-        "use_rslora": _uniform({n: m.use_rslora for n, m in layers.items()}, "use_rslora"),
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        # Layers off the common rank / alpha, by full name (PEFT matches these as name suffixes).
-        "rank_pattern": {re.escape(n): v for n, v in ranks.items() if v != r},
-        "alpha_pattern": {re.escape(n): v for n, v in alphas.items() if v != alpha},
-        "use_dora": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
-    }
-    tensors = {}
-    for name, layer in layers.items():
-        for part in ("lora_A", "lora_B"):
-            weight = getattr(layer, part).weight
-            tensors[f"{PEFT_PREFIX}{name}.{part}.weight"] = weight.detach().to("cpu", torch.float32).contiguous()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with replacing(directory / ADAPTER_WEIGHTS) as partial:
-        save_file(tensors, str(partial), metadata={"format": "pt"})
-    with replacing(directory / ADAPTER_CONFIG) as partial:
-        partial.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-def _pattern_value(pattern: dict, name: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key matching the end of the module name."""
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
-@torch.no_grad()
-def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
-    """Load LoRA adapters saved by PEFT or by save_adapter into the model's QuantLoRALinear layers
-    (layers with r=0 get an adapter of the saved rank). Returns the names of the loaded layers."""
-    from safetensors import safe_open
-
-    from qlora.checkpoint import read_json_object
-
-    directory = Path(directory)
-    config_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    for file in (config_file, weights_file):
-        if not file.is_file():
-            raise FileNotFoundError(f"load_adapter: {file} does not exist")
-    config = read_json_object(config_file)
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"{config_file}: peft_type {config.get('peft_type')!r}, only 'LORA' adapters are supported")
-    for option, plain in (("use_dora", False), ("fan_in_fan_out", False), ("bias", "none")):
-        if config.get(option, plain) not in (plain, None):
-            raise ValueError(f"{config_file}: {option}={config[option]!r} is not supported (only {plain!r})")
-    if config.get("modules_to_save"):
-        raise ValueError(f"{config_file}: modules_to_save={config['modules_to_save']} is not supported")
-
-    saved: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            match = _ADAPTER_KEY.match(name)
-            if match is None:
-                raise ValueError(f"{weights_file}: tensor {key} is not a LoRA A/B weight; not supported")
-            saved.setdefault(match["module"], {})[match["part"]] = f.get_tensor(key)
-
-    layers = quantised_layers(model)
-    unknown = sorted(set(saved) - set(layers))
-    if unknown:
-        raise ValueError(f"{weights_file}: adapters for {unknown[:4]} but the model has no QuantLoRALinear there "
-                         f"(it has {sorted(layers)[:4]}...)")
-    not_in_file = sorted(n for n, m in layers.items() if m.r > 0 and n not in saved)
-    if not_in_file:
-        raise ValueError(f"{weights_file}: no adapter for the model's layers {not_in_file[:4]}")
-
-    for name, parts in saved.items():  # check every layer before changing any
-        layer = layers[name]
-        if set(parts) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{weights_file}: {name} has only {sorted(parts)}")
-        a, b = parts["lora_A"], parts["lora_B"]
-        if not (a.is_floating_point() and b.is_floating_point()) or not (a.isfinite().all() and b.isfinite().all()):
-            raise ValueError(f"{weights_file}: adapter for {name} holds NaN/Inf or non-float values "
-                             f"(lora_A {a.dtype}, lora_B {b.dtype}); refusing to load it")
-        r = a.shape[0] if a.dim() == 2 else -1
-        if a.dim() != 2 or a.shape[1] != layer.in_features or tuple(b.shape) != (layer.out_features, r) \
-                or (layer.r > 0 and r != layer.r):
-            want = layer.r or "r"
-            raise ValueError(
-                f"{weights_file}: adapter for {name} has lora_A {list(a.shape)} and lora_B {list(b.shape)}, "
-                f"but the layer needs lora_A [{want}, {layer.in_features}] and lora_B [{layer.out_features}, {want}]")
-    use_rslora = bool(config.get("use_rslora", False))
-    for name, parts in saved.items():
-        layer, a, b = layers[name], parts["lora_A"], parts["lora_B"]
-        r = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
-        if layer.r == 0:
-            layer.add_adapter(r, alpha, float(config.get("lora_dropout", 0.0)), use_rslora)
-        layer.alpha, layer.use_rslora = alpha, use_rslora
-        layer.scaling = lora_scale(r, alpha, use_rslora)
-        layer.lora_A.weight.copy_(a)
-        layer.lora_B.weight.copy_(b)
-    return sorted(saved)

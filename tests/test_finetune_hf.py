@@ -28,12 +28,6 @@ CONFIGS = {
                                             max_position_embeddings=128, **IDS),
     "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **IDS),
 }
-# Waiting on issue 10's other items: bf16 bases in prepare_model (1) and Conv1D in quantize (3). Strict,
-# so the marks must go when those land.
-BF16_BASES = pytest.mark.xfail(reason="issue 10 item 1: prepare_model on bf16 transformers bases",
-                               raises=RuntimeError, strict=True)
-CONV1D = pytest.mark.xfail(reason="issue 10 item 3: GPT-2's Conv1D in qlora quantize",
-                           raises=Exception, strict=True)
 
 
 def _wrap(model):
@@ -90,8 +84,8 @@ def write_text(path):
 @pytest.mark.parametrize("model_type, dtype, compute_dtype, data_kind", [
     ("qwen2", torch.float32, "bfloat16", "chat"),
     ("phi3", torch.float32, "float32", "text"),
-    pytest.param("qwen2", torch.bfloat16, "bfloat16", "chat", marks=BF16_BASES),
-    pytest.param("gpt2", torch.float32, "float32", "chat", marks=CONV1D),
+    pytest.param("qwen2", torch.bfloat16, "bfloat16", "chat"),
+    pytest.param("gpt2", torch.float32, "float32", "chat"),
 ])
 def test_finetune_of_transformers_models_lowers_held_out_loss(tmp_path, model_type, dtype, compute_dtype, data_kind):
     model_dir = tiny_model_dir(tmp_path / model_type, model_type, dtype)

@@ -9,6 +9,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import hf_families  # noqa: E402
+from hf_families import one_thread  # noqa: E402,F401  (tiny matrices: one thread is faster)
 from qlora.layer import QuantLoRALinear  # noqa: E402
 from qlora.model import enable_checkpointing, load_adapter, load_quantized, prepare_model, save_adapter  # noqa: E402
 
@@ -83,8 +85,9 @@ def test_prepare_model_target_list_and_unmatched_names():
     assert names == {"q_proj", "v_proj"}
     with pytest.raises(ValueError, match=r"\['qkv_proj'\] matched no nn.Linear.*'down_proj'"):
         prepare_model(tiny_llama(), target_modules=["q_proj", "qkv_proj"], verbose=False)
-    with pytest.raises(ValueError, match=r"\['lm_head'\] matched no nn.Linear"):
-        prepare_model(tiny_llama(), target_modules=["lm_head"], verbose=False)  # skipped by default
+    # lm_head (in skip) named as a target: adapted, as PEFT does, and left unquantised.
+    model = prepare_model(tiny_llama(), target_modules=["lm_head"], verbose=False)
+    assert type(model.lm_head.base_layer) is nn.Linear and model.lm_head.r == 64
 
 
 def test_prepared_model_equals_dequantised_base_until_trained():
@@ -94,17 +97,7 @@ def test_prepared_model_equals_dequantised_base_until_trained():
 
 
 def train(model, steps=20, lr=1e-2):
-    ids = tokens(seed=3, batch=4, seq=32)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    model.train()
-    losses = []
-    for _ in range(steps):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return hf_families.train(model, tokens(seed=3, batch=4, seq=32), steps, lr)
 
 
 def test_tiny_llama_trains_20_steps_and_loss_falls():
@@ -335,3 +328,33 @@ def test_prepare_model_with_bfloat16_adapters_trains_in_bfloat16():
 
     expected = reference(model[2], torch.relu(reference(model[0], x.double())))
     assert (out.double() - expected).norm() / expected.norm() < 2e-2  # bf16 compute
+
+
+class ComputedBuffer(nn.Module):
+    """A linear plus a non-persistent buffer its _init_weights forgets to compute."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(64, 64)
+        self.register_buffer("inv_freq", torch.arange(8.0), persistent=False)
+
+    def _init_weights(self, module):
+        pass
+
+
+def test_load_quantized_fails_loudly_on_a_buffer_nothing_computes(tmp_path):
+    from safetensors.torch import save_file
+    source = ComputedBuffer()
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    with torch.device("meta"):
+        model = ComputedBuffer()
+    with pytest.raises(ValueError, match=r"_init_weights did not compute the buffers inv_freq"):
+        load_quantized(model, tmp_path)
+    del ComputedBuffer._init_weights  # without an _init_weights nothing can compute it either
+    try:
+        with torch.device("meta"):
+            model = ComputedBuffer()
+        with pytest.raises(ValueError, match=r"still on the meta device after loading: inv_freq"):
+            load_quantized(model, tmp_path)
+    finally:
+        ComputedBuffer._init_weights = lambda self, module: None
