@@ -182,7 +182,8 @@ def save_base_model(model: nn.Module, directory: Path, source_dir: Path, compute
     config.json with its quantization_config, the source's tokenizer files) that `--model` and transformers
     + bitsandbytes load. The same bytes from a sharded or a single process; sharded, every rank must call
     it (the weights are gathered whole) and only those with write=True write."""
-    from qlora.convert import _copy_other_files, _replace_dir, quantization_config
+    from qlora.convert import _copy_other_files, quantization_config
+    from qlora.safe_output import replace_dir
 
     partial = directory.with_name(f".{directory.name}.partial-{os.getpid()}")
     if write:
@@ -197,7 +198,7 @@ def save_base_model(model: nn.Module, directory: Path, source_dir: Path, compute
         double_quant = all(layer.double_quant for layer in quantised_layers(model).values())
         config.setdefault("quantization_config", quantization_config(double_quant, compute_dtype, ["lm_head"]))
         (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        _replace_dir(partial, directory)
+        replace_dir(partial, directory, force=True)
     finally:
         if write:
             shutil.rmtree(partial, ignore_errors=True)
