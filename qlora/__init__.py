@@ -8,6 +8,7 @@ from qlora.model import load_adapter, load_quantized, merge_and_unload, prepare_
 from qlora.optim import PagedAdamW32bit
 from qlora.finetune import finetune
 from qlora.generate import generate
+from qlora.fsdp import save_nf4_checkpoint, shard_model
 from qlora.convert import quantize_checkpoint
 
 __all__ = [
@@ -32,5 +33,7 @@ __all__ = [
     "quantize_checkpoint",
     "quantize_nf4",
     "save_adapter",
+    "save_nf4_checkpoint",
+    "shard_model",
 ]
 __version__ = "0.1.0"

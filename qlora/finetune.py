@@ -193,9 +193,28 @@ def finetune(
     gpu_budget: int | str = "auto",
     progress: bool = True,
     step_callback=None,
+    fsdp: bool = False,
+    save_nf4: bool = False,
 ) -> dict:
     """Fine-tune and return the report (also written to OUT/report.json). Raises qlora.errors.UserError on
-    bad input. step_callback(step, loss), if given, runs after every optimizer step."""
+    bad input. step_callback(step, loss), if given, runs after every optimizer step.
+
+    Under torchrun: data parallel over the ranks (DDP, or FSDP2 with fsdp=True), batch rows per rank;
+    the loss passed to step_callback and reported is the mean over the ranks. See qlora.distributed.
+    save_nf4: also write the 4-bit base model to OUT/nf4 (the same bytes whether sharded or not)."""
+    arguments = {name: value for name, value in locals().items() if name != "fsdp"}
+    from qlora.distributed import from_environment
+
+    run = from_environment(fsdp, device)
+    try:
+        return _finetune(run, **arguments)
+    finally:
+        run.close()
+
+
+def _finetune(run, *, model, data, out, steps, r, alpha, dropout, lr, max_grad_norm, weight_decay, seq, batch,
+              device, resume, force, save_every, seed, grad_ckpt, compute_dtype, gpu_budget, progress,
+              step_callback, save_nf4) -> dict:
     from tqdm.auto import tqdm
 
     from qlora.model import count_parameters, load_adapter, prepare_model
@@ -212,6 +231,7 @@ def finetune(
         raise _user_error(f"--lr must be a positive number, got {lr}")
     _check_numbers(alpha=alpha, dropout=dropout, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
     device, dtype = device_and_dtype(device, compute_dtype)
+    device = run.device(str(device))
     info = describe_model(model_dir)
     context = info.context
     seq = seq if seq is not None else min(256, context)
@@ -224,13 +244,16 @@ def finetune(
                         lr=lr, max_grad_norm=max_grad_norm, weight_decay=weight_decay, seq=seq, batch=batch,
                         seed=seed, compute_dtype=compute_dtype, grad_ckpt=grad_ckpt)
     check_output_apart(out, {"model directory": model_dir, "data file": data_path})
-    remove_stale_partials(out)
+    if run.is_main:
+        remove_stale_partials(out)
     resumed = load_checkpoint(out, settings) if resume else None
     final_out = out
     if not resume and out.exists() and any(out.iterdir()):
         if not force:
             raise _user_error(f"{out}: already exists; pass --resume to continue it or --force to start over")
-        out = make_partial_dir(final_out)  # the old output is replaced only once this one is complete
+        run.barrier()  # every rank has checked before rank 0 starts the new output
+        if run.is_main:  # the other ranks write nothing
+            out = make_partial_dir(final_out)  # the old output is replaced only once this one is complete
 
     tokenizer = load_tokenizer(model_dir, info.vocab_size)
     train_docs, held_docs = split_held_out(read_records(data_path))
@@ -254,7 +277,9 @@ def finetune(
     start_load = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="qlora-finetune-") as work_dir:
         try:
-            net = load_model(model_dir, device, dtype, Path(work_dir))
+            # Under FSDP the model is read into host memory: fully_shard then moves one block at a time to
+            # the GPU as it shards it, so no GPU ever holds the whole 4-bit model.
+            net = load_model(model_dir, torch.device("cpu") if run.mode == "fsdp" else device, dtype, Path(work_dir))
         except (ValueError, OSError) as err:  # CheckpointError and the loader's shape errors name the tensor
             raise _user_error(f"{model_dir}: {err}" if str(model_dir) not in str(err) else str(err)) from None
     torch.manual_seed(seed)  # the adapters' initialisation
@@ -262,49 +287,68 @@ def finetune(
                   verbose=False)
     load_seconds = time.perf_counter() - start_load
     trainable, total = count_parameters(net)
-    params = [p for p in net.parameters() if p.requires_grad]
-    optimizer = PagedAdamW32bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
-                                gpu_budget=gpu_budget, max_grad_norm=max_grad_norm)
     first_step = 0
-    if resumed is not None:
-        try:
+    try:
+        if resumed is not None:
             load_adapter(net, out)
-            optimizer.load_state_dict(resumed["optimizer"])
-        except Exception as err:  # safetensors, JSON and shape errors alike: the file is not this run's
-            raise _user_error(f"{out}: cannot resume ({type(err).__name__}: {err})") from None
+        net = run.wrap(net)  # DDP / FSDP2 under torchrun (after the adapter is loaded, before the optimizer)
+        params = [p for p in net.parameters() if p.requires_grad]
+        optimizer = PagedAdamW32bit(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay,
+                                    gpu_budget=gpu_budget, max_grad_norm=max_grad_norm)
+        if resumed is not None:
+            run.load_optimizer_state(optimizer, resumed["optimizer"])
+    except Exception as err:  # safetensors, JSON and shape errors alike: the file is not this run's
+        if resumed is None:
+            raise
+        raise _user_error(f"{out}: cannot resume ({type(err).__name__}: {err})") from None
+    if resumed is not None:
         first_step = int(resumed["step"])
         if first_step >= steps:
             raise _user_error(f"{out}: already trained {first_step} steps; pass a larger --steps to continue")
-    out.mkdir(parents=True, exist_ok=True)
+    run.barrier()
+    if run.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    progress = progress and run.is_main
+    say = print if run.is_main else (lambda *args, **kwargs: None)
 
-    print(f"qlora finetune: {model_dir.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable, "
-          f"r={r}) on {data_path.name} ({len(train_tokens):,} train / {len(held_tokens):,} held-out tokens), "
-          f"{device.type}, seq {seq} x batch {batch}" + (f", resuming at step {first_step}" if resumed else ""))
-    loss_before = held_out_loss(net, held_tokens, seq, device)
+    say(f"qlora finetune: {model_dir.name} ({total / 1e6:.1f}M params, {trainable / 1e6:.2f}M trainable, "
+        f"r={r}) on {data_path.name} ({len(train_tokens):,} train / {len(held_tokens):,} held-out tokens), "
+        f"{device.type}, seq {seq} x batch {batch}" + (f", resuming at step {first_step}" if resumed else "")
+        + (f" per rank x {run.world_size} ranks ({run.mode})" if run.active else ""))
+    loss_before = held_out_loss(run.unwrap(net), held_tokens, seq, device)
     net.train()
     bar = tqdm(range(first_step, steps), total=steps, initial=first_step, disable=not progress,
                desc="finetune", unit="step", dynamic_ncols=True)
     start = time.perf_counter()
     trained_tokens, loss_value = 0, float("nan")
     for step in bar:
-        torch.manual_seed(seed * 1_000_003 + step)  # dropout masks, too, are a function of the step
-        ids, labels = (t.to(device) for t in batch_at(train_tokens, step, batch, seq, seed, pad_id))
+        # Dropout masks, too, are a function of the step (and of the rank: each draws its own).
+        torch.manual_seed(seed * 1_000_003 + step + 7_919 * run.rank)
+        ids, labels = (run.rows(t).to(device)
+                       for t in batch_at(train_tokens, step, batch * run.world_size, seq, seed, pad_id))
         loss = net(ids, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
-        trained_tokens += ids.numel()
+        loss_value = run.mean(loss)
+        trained_tokens += ids.numel() * run.world_size
         elapsed = time.perf_counter() - start
         bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{trained_tokens / elapsed:,.0f}",
                         mem=_mib(peak_memory(device)[0]))
         if step_callback is not None:
             step_callback(step + 1, loss_value)
         if (step + 1) % save_every == 0 or step + 1 == steps:
-            save_checkpoint(out, net, optimizer, step + 1, settings)
+            with run.whole(net, optimizer) as (whole_net, whole_optimizer):  # collective under FSDP
+                if run.is_main:
+                    save_checkpoint(out, whole_net, whole_optimizer, step + 1, settings)
+            run.barrier()
     bar.close()
     train_seconds = time.perf_counter() - start
-    loss_after = held_out_loss(net, held_tokens, seq, device)
+    loss_after = held_out_loss(run.unwrap(net), held_tokens, seq, device)
+    if save_nf4:
+        from qlora.distributed import save_base_model
+
+        save_base_model(run.unwrap(net), out / "nf4", model_dir, compute_dtype, write=run.is_main)
     peak, peak_kind = peak_memory(device)
     report = {
         "model": str(model_dir), "data": str(data_path), "out": str(final_out), "device": str(device),
@@ -318,6 +362,10 @@ def finetune(
         "tokens_per_second": round(trained_tokens / max(train_seconds, 1e-9), 1),
         "peak_memory_bytes": peak, "peak_memory_kind": peak_kind,
     }
+    if run.active:
+        report.update(world_size=run.world_size, parallel=run.mode)
+    if not run.is_main:
+        return report
     with replacing(out / REPORT) as partial:
         partial.write_text(json.dumps(report, indent=2) + "\n")
     if out != final_out:
@@ -358,6 +406,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     parser.add_argument("--force", action="store_true", help="overwrite an existing --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="under torchrun: shard the 4-bit model with FSDP2 instead of DDP (--batch is per rank)")
+    parser.add_argument("--save-nf4", action="store_true",
+                        help="also write the 4-bit base model to OUT/nf4 (bitsandbytes layout, loadable by --model)")
 
 
 def run(args) -> int:
@@ -365,5 +417,6 @@ def run(args) -> int:
              dropout=args.dropout, lr=args.lr, max_grad_norm=args.max_grad_norm or None,
              weight_decay=args.weight_decay, seq=args.seq, batch=args.batch, device=args.device,
              resume=args.resume, force=args.force, save_every=args.save_every, seed=args.seed,
-             grad_ckpt=not args.no_grad_ckpt, compute_dtype=args.compute_dtype, progress=not args.no_progress)
+             grad_ckpt=not args.no_grad_ckpt, compute_dtype=args.compute_dtype, progress=not args.no_progress,
+             fsdp=args.fsdp, save_nf4=args.save_nf4)
     return 0

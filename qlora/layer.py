@@ -207,7 +207,9 @@ class QuantLoRALinear(nn.Module):
         return _as_nf4(*self._weight_tensors(), self._layout())
 
     def _weight_tensors(self) -> tuple:
-        return tuple(self._buffers[name] for name in _WEIGHT_BUFFERS.values())
+        # Buffers normally; frozen parameters once qlora.fsdp has made them shardable by FSDP2.
+        return tuple(self._buffers[name] if name in self._buffers else self._parameters[name]
+                     for name in _WEIGHT_BUFFERS.values())
 
     def _layout(self) -> tuple:
         return ((self.out_features, self.in_features), self.weight_dtype, self.blocksize, self.nested_blocksize,
@@ -215,12 +217,12 @@ class QuantLoRALinear(nn.Module):
 
     @property
     def double_quant(self) -> bool:
-        return self._buffers["weight_nested_absmax"] is not None
+        return self.nf4_weight.double_quant
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) / .half() must move the 4-bit buffers but never cast them:
         # absmax and the tables are float32 by definition of the format.
-        quantised = {name: self._buffers.pop(name) for name in _WEIGHT_BUFFERS.values()}
+        quantised = {name: self._buffers.pop(name) for name in _WEIGHT_BUFFERS.values() if name in self._buffers}
         try:
             super()._apply(fn, recurse)
         finally:

@@ -22,6 +22,11 @@ from typing import Callable, Sequence
 
 import torch
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed: no parameter is sharded
+    DTensor = ()
+
 from qlora.kernels import backend
 from qlora.kernels.adamw import (
     CHUNK,
@@ -354,6 +359,29 @@ class PagedStates:
         self.synchronize()
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (FSDP2's sharded parameters and gradients), else t itself:
+    the optimizer pages and updates each rank's shard only."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _shard_group(p: torch.Tensor):
+    """The process group a sharded parameter is split over (None for a whole tensor)."""
+    return p.device_mesh.get_group() if isinstance(p, DTensor) else None
+
+
+def _clip_factor(grads: list[torch.Tensor], max_norm: float, group) -> torch.Tensor:
+    """grad_clip_factor over the whole gradients: with shards, the ranks' sums of squares are all-reduced."""
+    if group is None:
+        return grad_clip_factor(grads, max_norm)
+    device = grads[0].device
+    square = torch.zeros((), dtype=torch.float32, device=device)
+    for g in grads:
+        square += torch.linalg.vector_norm(g, 2.0, dtype=torch.float32).to(device).square()
+    torch.distributed.all_reduce(square, group=group)
+    return torch.clamp(max_norm / (square.sqrt() + 1e-6), max=1.0).reshape(1)
+
+
 class _Plan:
     """What one step needs for one set of parameters with gradients; rebuilt when that set changes."""
 
@@ -369,17 +397,17 @@ class _Plan:
             store, start = optimizer._ranges[p]
             entry = self.by_store.setdefault(store.device, {"store": store, "items": [], "pages": set()})
             entry["items"].append((index, start))
-            entry["pages"].update(k for k, *_ in store.pieces(start, p.numel()))
+            entry["pages"].update(k for k, *_ in store.pieces(start, _local(p).numel()))
         for device, entry in self.by_store.items():
             store = entry["store"]
             entry["pages"] = sorted(entry["pages"])
             # The Triton kernel on CUDA (or on the CPU under QLORA_BACKEND=triton and the interpreter).
-            entry["kernel"] = backend.use_triton(work[entry["items"][0][0]][0])
+            entry["kernel"] = backend.use_triton(_local(work[entry["items"][0][0]][0]))
             if not entry["kernel"]:
                 # (work index, element range in the parameter, page, offset in page) per piece
                 segments: dict[int, list] = {}
                 for index, start in entry["items"]:
-                    p = work[index][0]
+                    p = _local(work[index][0])
                     for k, offset, at, length in store.pieces(start, p.numel()):
                         segments.setdefault(k, []).append((index, at, length, offset))
                 entry["segments"] = segments
@@ -392,7 +420,7 @@ class _Plan:
             entry["combos"] = []
             for items in combos.values():
                 indices = [index for index, _ in items]
-                numels = [work[index][0].numel() for index in indices]
+                numels = [_local(work[index][0]).numel() for index in indices]
                 chunks = make_chunks(range(len(items)), numels, [start for _, start in items], store.page_numel)
                 order = torch.argsort(chunks[:, 2], stable=True)  # by page, so each page is a chunk range
                 chunks = chunks[order]
@@ -513,14 +541,14 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     def _range(self, p: torch.Tensor) -> tuple[PagedStates, int]:
         if p not in self._ranges:
             store = self.store(p.device)
-            self._ranges[p] = (store, store.allocate(p.numel()))
+            self._ranges[p] = (store, store.allocate(_local(p).numel()))
         return self._ranges[p]
 
     def _init_state(self, p: torch.Tensor) -> None:
         new = p not in self._ranges
         store, start = self._range(p)
         if not new:  # a parameter whose state was dropped (load_state_dict without it)
-            store.write(start, torch.zeros((store.rows, p.numel()), dtype=torch.float32))
+            store.write(start, torch.zeros((store.rows, _local(p).numel()), dtype=torch.float32))
         self.state[p]["step"] = torch.tensor(0.0, dtype=torch.float32)
         self._active_plan = None  # the step buffer must take this fresh tensor in
 
@@ -551,6 +579,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 if g.is_sparse:
                     raise RuntimeError(f"PagedAdamW32bit does not support sparse gradients "
                                        f"(parameter {i} of param group {gi})")
+                g = _local(g)
                 work.append((p, g if g.is_contiguous() else g.contiguous(), gi))
         if not work:
             return loss
@@ -578,7 +607,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, plan.steps.to(torch.float64), maximize, amsgrad)
         clip = None
         if self.max_grad_norm is not None:
-            clip = grad_clip_factor([g for _, g, _ in work], self.max_grad_norm)
+            clip = _clip_factor([g for _, g, _ in work], self.max_grad_norm, _shard_group(work[0][0]))
 
         for device, entry in plan.by_store.items():
             store = entry["store"]
@@ -602,7 +631,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 for index, at, length, offset in entry["segments"].get(k, ()):
                     p, g, _ = work[index]
                     adamw_update_reference(
-                        p.view(-1)[at:at + length], g.view(-1)[at:at + length],
+                        _local(p).view(-1)[at:at + length], g.view(-1)[at:at + length],
                         data[0, offset:offset + length], data[1, offset:offset + length],
                         rows[index], clip, data[2, offset:offset + length] if store.rows > 2 else None,
                     )
@@ -612,7 +641,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     def _kernel_update(store, entry, work, scalars, clip):
         launches = []
         for combo in entry["combos"]:
-            params = [work[i][0] for i in combo["indices"]]
+            params = [_local(work[i][0]) for i in combo["indices"]]
             grads = [work[i][1] for i in combo["indices"]]
             rows, param_align, grad_align = tensor_rows(params, grads)
             # The tensor table only changes when a parameter or gradient moves (a new param set is
@@ -664,13 +693,14 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 continue
             entry = dict(state_dict["state"][i])
             entry["step"] = entry["step"].clone()
-            states = store.read(start, p.numel())
-            entry["exp_avg"] = states[0].view(p.shape)
-            entry["exp_avg_sq"] = states[1].view(p.shape)
+            local = _local(p)  # a sharded parameter's states are its shard's
+            states = store.read(start, local.numel())
+            entry["exp_avg"] = states[0].view(local.shape)
+            entry["exp_avg_sq"] = states[1].view(local.shape)
             # torch keeps max_exp_avg_sq for the parameters of amsgrad groups (the row exists once a
             # step has run with amsgrad on)
             if id(p) in amsgrad and states.shape[0] > 2:
-                entry["max_exp_avg_sq"] = states[2].view(p.shape)
+                entry["max_exp_avg_sq"] = states[2].view(local.shape)
             state_dict["state"][i] = entry
         return state_dict
 
@@ -699,16 +729,17 @@ class PagedAdamW32bit(torch.optim.Optimizer):
             state = self.state[p]
             if exp_avg is None or exp_avg_sq is None or "step" not in state:
                 raise ValueError(f"state of parameter {i} needs step, exp_avg and exp_avg_sq")
+            numel = _local(p).numel()
             for name, tensor in (("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("max_exp_avg_sq", maxima[i])):
-                if tensor is not None and tensor.numel() != p.numel():
+                if tensor is not None and tensor.numel() != numel:
                     raise ValueError(f"state of parameter {i}: {name} has {tensor.numel()} values for a parameter "
-                                     f"of {p.numel()}")
+                                     f"of {numel}")
             # Bias correction is computed on the host: keep step a CPU float32 scalar (one sync, here).
             state["step"] = torch.tensor(float(state["step"]), dtype=torch.float32)
             store, start = self._range(p)
             rows = [exp_avg, exp_avg_sq]
             if store.rows > 2:  # amsgrad: the saved maximum, or zeros (torch starts it at zero)
-                rows.append(maxima[i] if maxima[i] is not None else torch.zeros(p.numel()))
+                rows.append(maxima[i] if maxima[i] is not None else torch.zeros(numel))
             store.write(start, torch.stack([t.detach().reshape(-1).to("cpu", torch.float32) for t in rows]))
 
 
