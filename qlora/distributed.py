@@ -26,7 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from qlora.fsdp import full_tensor, local_tensor, save_nf4_checkpoint, shard_model
-from qlora.model import quantised_layers
+from qlora.targets import quantised_layers
 
 TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")  # per-element optimizer states, sharded like the parameter

@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from qlora.layer import _WEIGHT_BUFFERS, QuantLoRALinear
-from qlora.model import _named_tensors, quantised_layers
+from qlora.hf_load import named_tensors
+from qlora.targets import quantised_layers
 from qlora.nf4 import NF4Weight
 
 # NF4Weight fields that grow with the weight: these are sharded; the tables are not.
@@ -103,7 +104,7 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base model in the bitsandbytes / Hugging Face layout, on the CPU, whole: the same
     whether the model is sharded or not (sharded: a collective, every rank must call it)."""
     state: dict[str, torch.Tensor] = {}
-    for name, tensor in _named_tensors(model):
+    for name, tensor in named_tensors(model):
         state[name] = full_tensor(tensor).detach().cpu()
     for name, layer in quantised_layers(model).items():
         for key, tensor in full_nf4_weight(layer).state_dict(name).items():

@@ -89,7 +89,7 @@ def _load_other_tensors(model: nn.Module, headers, path: Path, device) -> set[st
 
     by_tensor: dict[int, list[str]] = {}
     tensors: dict[int, tuple[torch.Tensor, bool]] = {}
-    for name, tensor in _named_tensors(model):
+    for name, tensor in named_tensors(model):
         by_tensor.setdefault(id(tensor), []).append(name)
         tensors[id(tensor)] = tensor, isinstance(tensor, nn.Parameter)
     missing, used = [], set()
@@ -115,7 +115,7 @@ def _load_other_tensors(model: nn.Module, headers, path: Path, device) -> set[st
     return used
 
 
-def _named_tensors(model: nn.Module):
+def named_tensors(model: nn.Module):
     """Parameters and persistent buffers by full name, tied ones listed under every name, outside
     the QuantLoRALinear layers (built whole from the checkpoint)."""
     quantised = tuple(name + "." for name in quantised_layers(model))

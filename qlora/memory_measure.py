@@ -186,8 +186,8 @@ def measure(config, mode: str, shape: Shape, device: str | torch.device = "cpu",
     params = [p for p in model.parameters() if p.requires_grad]
     # Paging is a GPU feature: on the CPU qlora-paged runs (and is predicted) with every page resident.
     paged = mode == "qlora-paged" and cuda
-    optimizer = PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0, max_grad_norm=0.3, gpu_budget=gpu_budget if paged else "auto",
-                                page_size=PAGE_BYTES)
+    optimizer = PagedAdamW32bit(params, lr=2e-4, weight_decay=0.0, max_grad_norm=0.3,
+                                gpu_budget=gpu_budget if paged else "auto", page_size=PAGE_BYTES)
     ids = torch.randint(0, config.vocab_size, (shape.batch, shape.seq), device=device,
                         generator=torch.Generator(device=device).manual_seed(seed))
 

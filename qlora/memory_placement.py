@@ -36,7 +36,7 @@ from qlora.memory_predict import (
     predict,
     trainable_shapes,
 )
-from qlora.optim import AUTO_RESERVE_FRACTION, STREAM_SLOTS
+from qlora.paged_states import AUTO_RESERVE_FRACTION, STREAM_SLOTS
 
 DEFAULT_GPU_MEMORY = 80 * 2**30  # an 80 GB H100, where there is no GPU to ask
 # Allocated when PagedAdamW32bit's "auto" reads the free memory (optimizer step: activations freed).

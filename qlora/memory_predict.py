@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from qlora.kernels.adamw import CHUNK
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
-from qlora.optim import DEFAULT_PAGE_SIZE
+from qlora.paged_states import DEFAULT_PAGE_SIZE
 
 MODES = ("bf16-full", "bf16-lora", "qlora", "qlora-paged")
 COMPONENTS = ("weights", "quant_constants", "adapters", "gradients", "optimizer_states", "activations", "workspace")

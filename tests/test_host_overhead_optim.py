@@ -9,7 +9,7 @@ from qlora.optim import PagedAdamW32bit
 def test_tensor_table_copied_only_when_addresses_change(monkeypatch):
     monkeypatch.setenv("QLORA_BACKEND", "triton")  # the kernel path, interpreted on the CPU
     tables = []
-    real = optim._to_device
+    real = optim.to_device
 
     def counting(host, device):
         # The tensor table: (parameter offset, gradient offset, numel) rows; not the page table.
@@ -17,7 +17,7 @@ def test_tensor_table_copied_only_when_addresses_change(monkeypatch):
             tables.append(host.clone())
         return real(host, device)
 
-    monkeypatch.setattr(optim, "_to_device", counting)
+    monkeypatch.setattr(optim, "to_device", counting)
     g = torch.Generator().manual_seed(0)
     ours = [torch.randn(300, generator=g).requires_grad_(), torch.randn(7, 9, generator=g).requires_grad_()]
     theirs = [p.detach().clone().requires_grad_() for p in ours]

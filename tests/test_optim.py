@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qlora.kernels.adamw import CHUNK
-from qlora.optim import PagedAdamW32bit, PagedStates
+from qlora.optim import PagedAdamW32bit
+from qlora.paged_states import PagedStates
 
 PAGE_NUMEL = 2 * CHUNK
 PAGE = 8 * PAGE_NUMEL  # bytes per page: small, so a few tensors span several pages
