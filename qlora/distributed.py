@@ -122,10 +122,12 @@ class Distributed:
     def load_optimizer_state(self, optimizer, state_dict: dict) -> None:
         """Load whole moments (as saved from whole()) into an optimizer over sharded or whole parameters."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
+        saved = [i for group in state_dict["param_groups"] for i in group["params"]]
+        by_index = dict(zip(saved, params))
         state = {}
         for index, entry in state_dict["state"].items():
-            p = params[int(index)]
-            state[index] = {name: _this_shard(value, p) if name in MOMENTS else value
+            p = by_index.get(index)  # None: an index no group lists, which load_state_dict names
+            state[index] = {name: _this_shard(value, p) if name in MOMENTS and p is not None else value
                             for name, value in entry.items()}
         optimizer.load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
 
