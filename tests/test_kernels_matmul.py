@@ -68,6 +68,16 @@ def test_gemv_split_k(poison, M, split_k):
     assert rel_err(y, x.double() @ w64.T + bias.double()) <= 1e-2
 
 
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("blocksize", [32, 128, 256])
+def test_gemv_blocksizes(poison, M, blocksize):
+    # M = 1 sums each 16-byte run in-thread and scales it once (runs of 16 bytes: one per 32-block,
+    # four per 128-block); M >= 2 scales each weight. Both to float32 accuracy.
+    args, w64 = make_weight(9, blocksize * 3, blocksize)
+    x = inputs(M, blocksize * 3, torch.float32)
+    assert rel_err(G.nf4_gemv_triton(x, *args, split_k=2), x.double() @ w64.T) <= 1e-6
+
+
 @pytest.mark.parametrize("M", [5, 17, 64, 70])
 @pytest.mark.parametrize("split_k", [1, 4])
 def test_fused_split_k_and_tiles(poison, M, split_k):

@@ -34,6 +34,6 @@ def test_report_builds_and_meets_the_loop_targets(tmp_path):
                                                     "forward 4096x4096 M=1"))
     assert dequantise["sass_per_element"] <= 4 and "128" in dequantise["loads"] and dequantise["stores"] == "128"
     assert quantise["sass_per_element"] <= 16 and "128" in quantise["stores"]
-    # GEMV at M = 1: the target is 5 (reached: 5.36, see bench/RESULTS.md); no cross-lane sum in the loop.
-    assert gemv["kernel"] == "_nf4_gemv_kernel" and gemv["shuffles"] == 0 and gemv["sass_per_element"] <= 6
+    # GEMV at M = 1: <= 5 (each 16-byte run summed in-thread, scaled once); no cross-lane sum in the loop.
+    assert gemv["kernel"] == "_nf4_gemv_kernel" and gemv["shuffles"] == 0 and gemv["sass_per_element"] <= 5
     assert "| dequantise 4096x4096 |" in result.stdout  # the markdown table too

@@ -1,8 +1,9 @@
 """x @ W^T for a few rows of x (decoding: M = 1..GEMV_MAX_M) on CUDA cores, W in NF4.
 
 At M = 1 the tensor cores have nothing to do: the time is the 4-bit bytes of W plus the decode.
-So each 4-bit weight is read once, looked up in the 16-entry table (one L1 line), multiplied by x
-and summed within its block; the block's scale is applied once per block, not once per weight.
+So each 4-bit weight is read once, decoded by a byte-pair table built from quant_map, multiplied by x
+and, at M = 1, summed in-thread over its 16-byte run; the block's scale is applied once per run, not
+once per weight.
 Too few output rows to fill the GPU are made up for by splitting K (float32 partials, summed in
 a fixed order: deterministic).
 """
@@ -62,10 +63,13 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
                      M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
                      HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                      NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
-    # Tiles: W bytes [BLOCK_N rows, BLOCKS_K blocks, bytes of a block]; x [M_PAD, BLOCKS_K, BLOCKSIZE].
-    # Each thread keeps its own partial sums (acc has the tile's shape): the one cross-lane
-    # reduction comes after the K loop.
+    # Tiles: W bytes [BLOCK_N rows, BLOCKS_K blocks, CHUNKS, CHUNK bytes]; x [M_PAD, BLOCKS_K, BLOCKSIZE].
+    # A thread holds whole CHUNK-byte runs (one 16-byte load): it sums its run's products in its
+    # own registers, then applies the block's scale once per run, not once per weight. acc keeps
+    # one partial sum per run: the one cross-lane reduction comes after the K loop.
     HALF: tl.constexpr = BLOCKSIZE // 2
+    CHUNK: tl.constexpr = 16 if HALF > 16 else HALF
+    CHUNKS: tl.constexpr = HALF // CHUNK
     TILE_BYTES: tl.constexpr = BLOCK_N * BLOCKS_K * HALF
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
@@ -75,27 +79,36 @@ def _nf4_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_co
     m_mask = rm < M
     row_blocks = K // BLOCKSIZE
     table = _pair_table(qmap_ptr)
-    acc = tl.zeros([M_PAD, BLOCK_N, BLOCKS_K, HALF], dtype=tl.float32)
+    ACC_LAST: tl.constexpr = CHUNKS if M_PAD == 1 else HALF
+    acc = tl.zeros([M_PAD, BLOCK_N, BLOCKS_K, ACC_LAST], dtype=tl.float32)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     for k0 in range(k_start, k_end, BLOCKS_K * BLOCKSIZE):
         kb = k0 // BLOCKSIZE + tl.arange(0, BLOCKS_K)
         kb_mask = kb < row_blocks
         w_mask = n_mask[:, None] & kb_mask[None, :]
-        byte_idx = (rn * row_bytes)[:, None, None] + (kb * HALF)[None, :, None] + tl.arange(0, HALF)[None, None, :]
-        byte = tl.load(packed_ptr + byte_idx, mask=w_mask[:, :, None], other=0)
+        byte_idx = ((rn * row_bytes)[:, None, None, None] + (kb * HALF)[None, :, None, None]
+                    + (tl.arange(0, CHUNKS) * CHUNK)[None, None, :, None] + tl.arange(0, CHUNK)[None, None, None, :])
+        byte = tl.load(packed_ptr + byte_idx, mask=w_mask[:, :, None, None], other=0)
         hi, lo = _decode_bytes(table, tl.reshape(byte, [TILE_BYTES]))
         scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                               rn[:, None] * row_blocks + kb[None, :], w_mask,
                               DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
-        hi = tl.reshape(hi, [BLOCK_N, BLOCKS_K, HALF]) * scale[:, :, None]
-        lo = tl.reshape(lo, [BLOCK_N, BLOCKS_K, HALF]) * scale[:, :, None]
+        # Even elements meet the high nibbles, odd ones the low nibbles.
         x_idx = (rm * K)[:, None, None] + (kb * BLOCKSIZE)[None, :, None] + tl.arange(0, BLOCKSIZE)[None, None, :]
         x = tl.load(x_ptr + x_idx, mask=m_mask[:, None, None] & kb_mask[None, :, None], other=0.0).to(tl.float32)
-        # Even elements meet the high nibbles, odd ones the low nibbles (two fused multiply-adds).
-        x_even, x_odd = tl.split(tl.reshape(x, [M_PAD, BLOCKS_K, HALF, 2]))
-        acc += hi[None, :, :, :] * x_even[:, None, :, :]
-        acc += lo[None, :, :, :] * x_odd[:, None, :, :]
+        if M_PAD == 1:  # no row axis: the products keep the bytes' layout, so the run's sum stays in-thread
+            hi = tl.reshape(hi, [BLOCK_N, BLOCKS_K, CHUNKS, CHUNK])
+            lo = tl.reshape(lo, [BLOCK_N, BLOCKS_K, CHUNKS, CHUNK])
+            x_even, x_odd = tl.split(tl.reshape(x, [BLOCKS_K, CHUNKS, CHUNK, 2]))
+            run = tl.sum(hi * x_even[None, :, :, :] + lo * x_odd[None, :, :, :], axis=3)
+            acc += (run * scale[:, :, None])[None, :, :, :]
+        else:  # rows of x: a row axis in the products would spread a run over lanes; scale each weight
+            hi = tl.reshape(hi, [BLOCK_N, BLOCKS_K, HALF]) * scale[:, :, None]
+            lo = tl.reshape(lo, [BLOCK_N, BLOCKS_K, HALF]) * scale[:, :, None]
+            x_even, x_odd = tl.split(tl.reshape(x, [M_PAD, BLOCKS_K, HALF, 2]))
+            acc += hi[None, :, :, :] * x_even[:, None, :, :]
+            acc += lo[None, :, :, :] * x_odd[:, None, :, :]
     acc2 = tl.sum(tl.sum(acc, axis=3), axis=2)  # the one cross-lane reduction
 
     mask = m_mask[:, None] & n_mask[None, :]
