@@ -126,9 +126,11 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     """out [M, N] = x2 [M, K] @ W^T (+ bias) for M <= GEMV_MAX_M and K % blocksize == 0."""
     M = x2.shape[0]
     assert M <= GEMV_MAX_M and K % blocksize == 0 and blocksize >= 32
-    if block_n is None:  # 64 weights a thread at M = 1; at M >= 2 fewer rows keep x's registers unspilled
-        block_n = 32 if M == 1 else 16
-    blocks_k = max(1, 256 // blocksize)  # >= 256 elements of each row per step
+    # 64 weights a thread. At M = 1, 8 rows x 1024 columns a step: N / 8 programs fill an H100 from
+    # N ~ 4096 without split-K (no partial sums to add on the host). At M >= 2, 16 rows x 256.
+    if block_n is None:
+        block_n = 8 if M == 1 else 16
+    blocks_k = max(1, (1024 if M == 1 else 256) // blocksize)
     step = blocks_k * blocksize
     k_steps = backend.cdiv(K, step)
     tiles = backend.cdiv(N, block_n)
