@@ -157,6 +157,17 @@ def test_packed_not_16_byte_aligned(poison, shift):
     assert same_bits(got, reference(packed, absmax, None, None, None, numel, 64, torch.float32))
 
 
+def test_weight_tensors_of_any_layout(poison):
+    # The kernels take pointers: [n, 1] packed passes as it is, a strided view is made contiguous.
+    numel = 64 * 9
+    packed, absmax, *_ = make_weight(numel, 64, False, seed=6)
+    want = reference(packed, absmax, None, None, None, numel, 64, torch.float32)
+    strided = torch.stack((packed.view(-1), torch.full_like(packed.view(-1), 0x77)), 1)[:, 0]
+    spread_absmax = torch.stack((absmax, -absmax), 1)[:, 0]
+    for p, a in ((packed.view(-1, 1), absmax), (strided, spread_absmax)):
+        assert same_bits(D.dequantize_nf4_triton(p, a, nf4_codebook(), numel, 64, torch.float32), want)
+
+
 def test_decode_reads_the_given_table(poison):
     # Any 16-entry table decodes (FP4 reuses these kernels with its own): a permuted, rescaled one.
     numel = 64 * 9

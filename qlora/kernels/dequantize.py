@@ -149,12 +149,12 @@ def byte_limit(packed: torch.Tensor, n_bytes: int) -> int:
 
 
 def _flat(t: torch.Tensor, device, dtype=None) -> torch.Tensor:
-    # Only what is needed: each reshape or .to costs a microsecond of host time even when a no-op.
-    if t.dim() != 1:
-        t = t.reshape(-1)
+    # A kernel takes the pointer: any contiguous shape is flat already (packed is [n, 1]); a strided
+    # view is copied (reshape(-1) of a 1-D view would keep its strides). Only what is needed: each
+    # reshape or .to costs a microsecond of host time even when a no-op.
     if t.device != device or (dtype is not None and t.dtype != dtype):
         t = t.to(device=device, dtype=dtype or t.dtype)
-    return t
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset):
@@ -180,9 +180,9 @@ def dequantize_nf4_triton(packed, absmax, quant_map, numel, blocksize, dtype,
     tiles = backend.cdiv(n_blocks, per_tile)
     padded = tiles * per_tile * blocksize
     out = (scratch or torch.empty)(padded, dtype=dtype, device=packed.device)
+    weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _dequantize_kernel[(min(tiles, DEQUANT_PROGRAMS_PER_SM * backend.sm_count(packed.device)),)](
-        *weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset), out,
-        byte_limit(packed, (numel + 1) // 2), n_blocks, tiles,
+        *weights, out, byte_limit(weights[0], (numel + 1) // 2), n_blocks, tiles,
         BLOCKSIZE=blocksize, BLOCKS_PER_TILE=per_tile, DOUBLE_QUANT=nested_absmax is not None,
         NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(packed), num_warps=DEQUANT_WARPS,
     )
