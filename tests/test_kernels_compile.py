@@ -151,3 +151,36 @@ def test_triton_kernels_build_for_sm90():
     result = subprocess.run([sys.executable, "-c", SM90_CHECK], capture_output=True, text=True, env=env,
                             cwd=Path(__file__).parent.parent, timeout=600)
     assert result.returncode == 0 and "sm_90 ok" in result.stdout, result.stderr[-3000:]
+
+
+def test_decode_step_compiles_to_one_graph():
+    # One generation step of qlora's Llama (NF4 layers, KV cache): no host sync or data-dependent
+    # host control may break it. Each step still recompiles (the cache grows by torch.cat, so its
+    # shape changes), which is what keeps CUDA graphs (reduce-overhead) from replaying it.
+    from qlora.llama import KVCache, LlamaConfig, LlamaForCausalLM
+    from qlora.model import prepare_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = prepare_model(LlamaForCausalLM(config), r=4, compute_dtype=torch.float32, verbose=False).eval()
+    prompt, token = torch.randint(0, 96, (1, 5)), torch.tensor([[7]])
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def step(ids, cache):
+        return model(ids, past_key_values=cache).logits
+
+    with torch.no_grad():
+        eager_cache, compiled_cache = KVCache(), KVCache()
+        step(prompt, eager_cache)
+        step(prompt, compiled_cache)
+        want = step(token, eager_cache)
+        got = torch.compile(step, fullgraph=True, backend=capture)(token, compiled_cache)
+    torch.testing.assert_close(got, want)
+    assert len(graphs) == 1 and len(compiled_cache) == 6
+    targets = {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert "qlora.nf4_linear" in targets
