@@ -285,7 +285,8 @@ def _kernel_args(w: NF4Weight) -> tuple:
 
 def nf4_linear(x: torch.Tensor, w: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) for x [..., in] with W a 2-D NF4Weight [out, in]."""
-    _check_float_dtype(f"nf4_linear: x of shape {list(x.shape)}", x.dtype)
+    if x.dtype not in SUPPORTED_DTYPES:  # the message is formatted only when needed (host time per call)
+        _check_float_dtype(f"nf4_linear: x of shape {list(x.shape)}", x.dtype)
     if len(w.shape) != 2 or x.shape[-1] != w.shape[1]:
         raise ValueError(f"x: shape {list(x.shape)} does not fit a weight of shape {list(w.shape)} "
                          f"(the last dimension must be {w.shape[-1]})")

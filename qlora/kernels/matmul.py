@@ -321,7 +321,8 @@ class _EagerNF4Linear(torch.autograd.Function):
     (bench/host_overhead.py), as much as the launch work itself; torch.compile still sees the ops."""
 
     @staticmethod
-    def forward(ctx, x, bias, *weight):
+    def forward(ctx, x, bias, weight):
+        # weight: one tuple, not 9 arguments (W is frozen: autograd need not inspect its tensors).
         ctx.weight = weight
         ctx.has_bias = bias is not None
         return backend.run_chosen(_nf4_linear_op_choice, (x, *weight, bias))
@@ -333,7 +334,7 @@ class _EagerNF4Linear(torch.autograd.Function):
             grad_x = backend.run_chosen(_nf4_linear_grad_input_op_choice, (grad, *ctx.weight))
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0)
-        return (grad_x, grad_bias) + (None,) * len(ctx.weight)
+        return grad_x, grad_bias, None
 
 
 def _nf4_linear_op_choice(use_triton: bool):
@@ -353,7 +354,7 @@ def nf4_linear(x, packed, absmax, quant_map, out_features, in_features, blocksiz
     if torch.compiler.is_compiling():
         return torch.ops.qlora.nf4_linear(x, *weight, bias)
     if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
-        return _EagerNF4Linear.apply(x, bias, *weight)
+        return _EagerNF4Linear.apply(x, bias, weight)
     return backend.run_chosen(_nf4_linear_op_choice, (x, *weight, bias))
 
 
