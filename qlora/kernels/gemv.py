@@ -37,6 +37,15 @@ def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, in
     return backend.cdiv(K, k_per_split), k_per_split
 
 
+def choose_split(split: int | None, tiles: int, steps: int, step: int, length: int, device,
+                 ctas_per_sm: int) -> tuple[int, int]:
+    """(splits, elements per split) of the reduced dimension (length, in steps of step elements):
+    `split` when given, else enough for one full wave."""
+    if split is None:
+        split = split_k_for(tiles, steps, device, ctas_per_sm)
+    return plan_split_k(split, steps, step, length)
+
+
 def split_k_output(split_k: int, M: int, N: int, x2: torch.Tensor) -> torch.Tensor:
     """What a split-K launch writes: float32 partials [split_k, M, N], or with one split the
     [M, N] result itself in x2's dtype."""
@@ -134,9 +143,8 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     step = blocks_k * blocksize
     k_steps = backend.cdiv(K, step)
     tiles = backend.cdiv(N, block_n)
-    if split_k is None:
-        split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm=3)  # 3 fit at 128..166 registers
-    split_k, k_per_split = plan_split_k(split_k, k_steps, step, K)
+    # 3 CTAs per SM fit at 128..166 registers
+    split_k, k_per_split = choose_split(split_k, tiles, k_steps, step, K, x2.device, ctas_per_sm=3)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_gemv_kernel[(tiles, split_k)](

@@ -23,7 +23,7 @@ import torch
 from qlora.kernels import backend, large_m
 from qlora.kernels.dequantize import (_block_scales, _decode_bytes, _pair_table, _round_to, _row_byte_offsets,
                                       dequantize_nf4, dequantize_nf4_triton, weight_args)
-from qlora.kernels.gemv import GEMV_MAX_M, finish_split_k, nf4_gemv_triton, plan_split_k, split_k_for, split_k_output
+from qlora.kernels.gemv import GEMV_MAX_M, choose_split, finish_split_k, nf4_gemv_triton, split_k_output
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 
 from qlora.kernels.backend import tl, triton
@@ -190,9 +190,7 @@ def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absm
     tiles = backend.cdiv(M, cfg["BLOCK_M"]) * backend.cdiv(N, cfg["BLOCK_N"])
     k_steps = K // cfg["BLOCK_K"]
     ctas_per_sm = cfg.pop("ctas_per_sm")
-    if split_k is None:
-        split_k = split_k_for(tiles, k_steps, x2.device, ctas_per_sm)
-    split_k, k_per_split = plan_split_k(split_k, k_steps, cfg["BLOCK_K"], K)
+    split_k, k_per_split = choose_split(split_k, tiles, k_steps, cfg["BLOCK_K"], K, x2.device, ctas_per_sm)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_linear_kernel[(tiles, split_k)](
@@ -213,9 +211,7 @@ def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, 
     ctas_per_sm = cfg.pop("ctas_per_sm", 1)
     tiles = backend.cdiv(M, cfg["BLOCK_M"]) * (K // cfg["BLOCK_K"])
     n_steps = backend.cdiv(N, cfg["BLOCK_N"])
-    if split_n is None:
-        split_n = split_k_for(tiles, n_steps, g2.device, ctas_per_sm)
-    split_n, n_per_split = plan_split_k(split_n, n_steps, cfg["BLOCK_N"], N)
+    split_n, n_per_split = choose_split(split_n, tiles, n_steps, cfg["BLOCK_N"], N, g2.device, ctas_per_sm)
     out = split_k_output(split_n, M, K, g2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_linear_grad_input_kernel[(tiles, split_n)](
