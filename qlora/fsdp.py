@@ -104,7 +104,11 @@ def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The frozen base model in the bitsandbytes / Hugging Face layout, on the CPU, whole: the same
     whether the model is sharded or not (sharded: a collective, every rank must call it)."""
     state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
     for name, tensor in named_tensors(model):
+        if id(tensor) in seen:  # a tied weight (lm_head = embed_tokens) is stored once, as transformers does
+            continue
+        seen.add(id(tensor))
         state[name] = full_tensor(tensor).detach().cpu()
     for name, layer in quantised_layers(model).items():
         for key, tensor in full_nf4_weight(layer).state_dict(name).items():

@@ -54,17 +54,25 @@ def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.
     return int(order[choice])
 
 
-def _forward(model, ids: torch.Tensor, cache):
-    """Logits of the new tokens and the cache holding every token so far."""
-    from qlora.llama import KVCache, LlamaForCausalLM
+def _cache_keyword(model) -> str | None:
+    """The forward's cache argument: None for qlora's Llama; transformers 5.24 renamed
+    past_key_values to cache (the old name warns until 5.40). Read once per generation."""
+    from qlora.llama import LlamaForCausalLM
 
     if isinstance(model, LlamaForCausalLM):
+        return None
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _forward(model, ids: torch.Tensor, cache, keyword: str | None):
+    """Logits of the new tokens and the cache holding every token so far."""
+    from qlora.llama import KVCache
+
+    if keyword is None:  # qlora's Llama
         cache = cache if cache is not None else KVCache()
         return model(ids, past_key_values=cache).logits, cache
-    # transformers 5.24 renamed past_key_values to cache (the old name warns until 5.40).
-    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    out = model(input_ids=ids, use_cache=True, **{name: cache})
-    return out.logits, getattr(out, name)
+    out = model(input_ids=ids, use_cache=True, **{keyword: cache})
+    return out.logits, getattr(out, keyword)
 
 
 @torch.no_grad()
@@ -72,13 +80,14 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
                  generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = ()):
     """Yield new token ids one at a time (a stop token is yielded, then generation ends)."""
     device = next(model.parameters()).device
-    logits, cache = _forward(model, torch.tensor([prompt_ids], dtype=torch.long, device=device), None)
+    keyword = _cache_keyword(model)
+    logits, cache = _forward(model, torch.tensor([prompt_ids], dtype=torch.long, device=device), None, keyword)
     for step in range(max_new_tokens):
         token = next_token(logits[0, -1], temperature, top_p, generator)
         yield token
         if token in stop_ids or step == max_new_tokens - 1:
             return
-        logits, cache = _forward(model, torch.tensor([[token]], dtype=torch.long, device=device), cache)
+        logits, cache = _forward(model, torch.tensor([[token]], dtype=torch.long, device=device), cache, keyword)
 
 
 class TextStream:

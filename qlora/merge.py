@@ -19,10 +19,10 @@ from qlora.targets import set_submodule
 def _as_conv1d(linear: nn.Linear) -> nn.Module:
     from transformers.pytorch_utils import Conv1D
 
-    conv = Conv1D(linear.out_features, linear.in_features)
+    with torch.device("meta"):  # no throw-away random weight: both parameters are replaced below
+        conv = Conv1D(linear.out_features, linear.in_features)
     conv.weight = nn.Parameter(linear.weight.detach().T.contiguous(), requires_grad=False)
-    conv.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False) if linear.bias is not None \
-        else nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype), requires_grad=False)
+    conv.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return conv
 
 
@@ -52,6 +52,7 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, nf4: bo
             set_submodule(model, name, _as_conv1d(linear) if getattr(module, "fan_in_fan_out", False) else linear)
     for p in model.parameters():
         p.requires_grad_(False)
-    for method in ("save_pretrained", "merge_and_unload"):
-        model.__dict__.pop(method, None)
+    # prepare_model's overrides and the flag that makes transformers save adapters: a plain model again.
+    for attribute in ("save_pretrained", "merge_and_unload", "_hf_peft_config_loaded"):
+        model.__dict__.pop(attribute, None)
     return model

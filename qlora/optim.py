@@ -311,6 +311,11 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                     store.run(entry["pages"], update)
             else:
                 store.run(entry["pages"], update)
+            if entry["kernel"]:
+                # The kernel writes the parameters through raw pointers: tell autograd (and whatever
+                # keys a cache on the version counter, as QuantLoRALinear's adapter cast) they changed.
+                for index, _ in entry["items"]:
+                    torch.autograd.graph.increment_version(_local(work[index][0]))
         return loss
 
     @staticmethod

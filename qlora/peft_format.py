@@ -137,8 +137,9 @@ def save_adapter(model: nn.Module, directory: str | Path, base_model_name_or_pat
 def save_pretrained_adapter(model: nn.Module, save_directory, is_main_process: bool = True, state_dict=None,
                             **kwargs) -> None:
     """A prepared model's save_pretrained (what Trainer.save_model calls): the PEFT adapter, as a
-    PeftModel writes it, plus the model's config when it has one. The 4-bit base is not written:
-    it is the checkpoint the model was loaded from (qlora quantize writes one)."""
+    PeftModel writes it. The 4-bit base is not written: it is the checkpoint the model was loaded
+    from (qlora quantize writes one). `state_dict` (Trainer passes the model's) is not used: the
+    adapter is read from the layers themselves."""
     if not is_main_process:
         return
     save_adapter(model, save_directory)

@@ -47,7 +47,6 @@ def select_targets(model: nn.Module, target_modules: str | list[str] | tuple[str
     adapted only when named."""
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         linears = [n for n in candidate_names(model, embeddings=False) if not any(matches(n, s) for s in skip)]
-        linears = [n for n in linears if not isinstance(model.get_submodule(n), nn.Embedding)]
         if not linears:
             raise ValueError(f"target_modules='all-linear': {type(model).__name__} has no nn.Linear or Conv1D "
                              f"outside skip={list(skip)}")

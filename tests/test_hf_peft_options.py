@@ -232,3 +232,39 @@ def _merged_copy(model):
     twin = copy.deepcopy(model)
     merge_and_unload(twin)
     return twin
+
+
+def test_merged_bitsandbytes_model_is_a_plain_model_again(tmp_path):
+    """prepare_model marks a bitsandbytes-loaded model as adapted for transformers (Trainer refuses a
+    4-bit model otherwise); merge_and_unload must take the mark away, or transformers' save_pretrained
+    would look for PEFT adapters that are gone."""
+    pytest.importorskip("bitsandbytes")
+    tiny_model("llama").save_pretrained(tmp_path / "src")
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                             bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config,
+                                                              device_map="cpu")
+    model = prepare_model(model, r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
+    assert model._hf_peft_config_loaded
+    merge_and_unload(model)
+    assert not model._hf_peft_config_loaded
+    assert "save_pretrained" not in model.__dict__ and "merge_and_unload" not in model.__dict__
+
+
+def test_tied_embeddings_are_written_once_in_the_nf4_checkpoint(tmp_path):
+    """A tied lm_head shares embed_tokens' storage: safetensors refuses shared tensors, so the base
+    checkpoint stores the weight once (transformers re-ties it on load)."""
+    from safetensors.torch import load_file
+    from qlora.fsdp import save_nf4_checkpoint
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                      tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model = prepare_model(model, r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
+    save_nf4_checkpoint(model, tmp_path / "model.safetensors")
+    saved = load_file(tmp_path / "model.safetensors")
+    assert "lm_head.weight" not in saved
+    assert torch.equal(saved["model.embed_tokens.weight"], model.model.embed_tokens.weight.detach())

@@ -37,3 +37,23 @@ def test_training_casts_inside_the_graph():
     layer(x).float().sum().backward()
     assert layer.lora_A.weight.grad is not None and layer.lora_B.weight.grad.abs().sum() > 0
     assert "_adapter_cast" not in layer.__dict__
+
+
+def test_optimizer_kernel_step_invalidates_the_cached_cast(monkeypatch):
+    """PagedAdamW32bit's Triton kernel writes parameters through raw pointers; the step must bump
+    their version counters, or generation after more training would use the old adapters."""
+    from qlora.optim import PagedAdamW32bit
+
+    monkeypatch.setenv("QLORA_BACKEND", "triton")  # the kernel path, interpreted on the CPU
+    layer = _layer()
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        before = layer(x)  # caches the bf16 cast
+    opt = PagedAdamW32bit([layer.lora_A.weight, layer.lora_B.weight], lr=1e-1, weight_decay=0.0)
+    layer(x).float().square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after = layer(x)
+        want = layer._adapter_in_compute_dtype()[1]
+    assert not torch.equal(after, before)
+    assert torch.equal(want, layer.lora_B.weight.to(torch.bfloat16))
