@@ -60,11 +60,16 @@ def describe_checkpoint(path: str | os.PathLike) -> list[TensorInfo]:
             try:
                 state = json.loads(bytes(blob.tolist()).decode("utf-8"))
                 shape, blocksize = tuple(int(s) for s in state["shape"]), int(state["blocksize"])
-                _check_nf4_shape(shape, blocksize, math.prod(header.shape))
+                # The key names the type; the JSON must agree (as loading requires).
+                quant_type = state_names[prefix].rsplit("__", 1)[1]
+                if state.get("quant_type", quant_type) != quant_type:
+                    raise ValueError(f"quant_type {state.get('quant_type')!r} under a {quant_type} key")
+                # bytes, not elements: bnb_4bit_quant_storage may store the codes as bf16/fp16/fp32
+                _check_nf4_shape(shape, blocksize, header.nbytes)
             except (ValueError, KeyError, TypeError, RecursionError) as err:
                 raise CheckpointError(f"{header.file}: tensor {state_names[prefix]}: corrupt quant state "
                                       f"({type(err).__name__}: {str(err)[:200]})") from None
-            fmt = str(state.get("quant_type", "nf4")) + ("-dq" if "nested_blocksize" in state else "")
+            fmt = quant_type + ("-dq" if "nested_blocksize" in state else "")
             nbytes = sum(headers[part].nbytes for part in parts_of[prefix])
             rows.append(TensorInfo(name, shape, fmt, nbytes, blocksize))
     return rows

@@ -25,7 +25,8 @@ from qlora.conv1d_names import conv1d_module_names, conv1d_weights
 from qlora.kernels.quantize import check_blocksize
 from qlora.codebook import QUANT_TYPES
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
-from qlora.safe_output import make_partial_dir, remove_stale_partials, replace_dir
+from qlora.errors import UserError
+from qlora.safe_output import check_output_apart, make_partial_dir, remove_stale_partials, replace_dir
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "data" / "tiny-llama"
 DEFAULT_OUTPUT = Path("qlora-out") / "tiny-llama-nf4"
@@ -155,11 +156,10 @@ def _check_inputs(src: Path, dst: Path, blocksize, compute_dtype: str, device: s
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(f"device {device!r} requested but CUDA is not available (torch {torch.__version__}); "
                               "use --device cpu")
-    dst_abs, src_abs = dst.resolve(), src.resolve()
-    if dst_abs == src_abs or dst_abs in src_abs.parents:
-        raise CheckpointError(f"{dst}: the output would overwrite the source {src}; choose another DST")
-    if src.is_dir() and src_abs in dst_abs.parents:
-        raise CheckpointError(f"{dst}: the output would be inside the source directory {src}; choose another DST")
+    try:  # DST is a directory apart from the source: --force never replaces a source or a plain file
+        check_output_apart(dst, {"source": src}, "DST")
+    except UserError as err:
+        raise CheckpointError(str(err)) from None
     if dst.exists() and not force:
         raise CheckpointError(f"{dst}: already exists; pass --force to replace it")
 
@@ -341,7 +341,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from qlora.errors import UserError
 
     try:
         max_shard_bytes = parse_size(args.max_shard_size)

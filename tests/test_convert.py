@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qlora.convert as qc
-from qlora.checkpoint import INDEX_FILE, load_quantized_state_dict, load_state_dict
+from qlora.checkpoint import INDEX_FILE, CheckpointError, load_quantized_state_dict, load_state_dict
 from qlora.cli import main
 from qlora.nf4 import NF4Weight, quantize_nf4
 from qlora.convert import DEFAULT_MODEL, quantize_checkpoint
@@ -292,6 +292,15 @@ def test_force_replaces_an_existing_dst(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "m"]
 
 
+def test_force_never_replaces_a_plain_file_at_dst(tmp_path):
+    src = small_model(tmp_path / "m")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("precious")
+    with pytest.raises(CheckpointError, match="is a file"):
+        quantize_checkpoint(src, notes, force=True, progress=False)
+    assert notes.read_text() == "precious"
+
+
 def test_allow_nonfinite(tmp_path):
     w = torch.randn(128, 64).to(torch.bfloat16)
     w[3, 5] = float("nan")
@@ -347,8 +356,8 @@ def test_bad_inputs_give_one_line_each(tmp_path, capsys):
     assert "already exists" in err and "--force" in err
 
     assert "--skip ffn: matches no module" in cli_error(capsys, good, tmp_path / "o8", "--skip", "ffn")
-    assert "inside the source" in cli_error(capsys, good, good / "inside")
-    assert "overwrite the source" in cli_error(capsys, good / "model.safetensors", tmp_path, "--force")
+    assert "lies inside the source" in cli_error(capsys, good, good / "inside")
+    assert "contains the source" in cli_error(capsys, good / "model.safetensors", tmp_path, "--force")
     assert "--max-shard-size" in cli_error(capsys, good, tmp_path / "o9", "--max-shard-size", "lots")
 
     quantize_checkpoint(good, tmp_path / "already", progress=False)

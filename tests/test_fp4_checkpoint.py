@@ -40,6 +40,19 @@ def test_quant_storage_checkpoints_are_read_as_their_bytes(tmp_path, quant_type,
     assert weight.packed.dtype == torch.uint8 and weight.packed.shape == (48 * 128 // 2, 1)
     expected = bnb_functional.dequantize_4bit(packed, state)
     assert torch.equal(weight.dequantize().view(torch.int16), expected.view(torch.int16))
+    row = next(r for r in describe_checkpoint(tmp_path / "q.safetensors") if r.name == f"{PREFIX}.weight")
+    assert row.shape == (48, 128) and row.format.startswith(quant_type)  # inspect reads it too
+
+
+def test_inspect_refuses_a_quant_state_whose_type_contradicts_its_key(tmp_path):
+    tensors = quantize_4bit(torch.randn(32, 64), "nf4").state_dict(PREFIX)
+    key = f"{PREFIX}.weight.quant_state.bitsandbytes__nf4"
+    state = json.loads(bytes(tensors[key].tolist()))
+    state["quant_type"] = "int8"
+    tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+    save_file(tensors, tmp_path / "q.safetensors")
+    with pytest.raises(CheckpointError, match="'int8' under a nf4 key"):
+        describe_checkpoint(tmp_path / "q.safetensors")
 
 
 def test_quant_storage_with_missing_bytes_is_refused_by_name(tmp_path):
