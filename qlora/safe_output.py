@@ -197,11 +197,22 @@ def rename_no_replace(src: Path, dst: Path) -> None:
         if code not in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):  # e.g. a file system without the flag
             raise OSError(code, os.strerror(code), str(src), None, str(dst))
     # Fallback: reserve dst with mkdir (atomic), then replace that empty folder of ours.
+    if not src.is_dir() or src.is_symlink():  # a file or link: a hard link is the atomic no-replace step
+        try:
+            os.link(src, dst, follow_symlinks=False)
+        except FileExistsError:
+            raise exists from None
+        os.unlink(src)
+        return
     try:
         os.mkdir(dst)
     except FileExistsError:
         raise exists from None
-    os.replace(src, dst)
+    try:
+        os.replace(src, dst)
+    except OSError:
+        os.rmdir(dst)  # our reservation, still empty
+        raise
 
 
 def replace_dir(work_dir: Path, dst: Path, force: bool) -> None:
@@ -213,16 +224,20 @@ def replace_dir(work_dir: Path, dst: Path, force: bool) -> None:
         rename_no_replace(dst, aside)
     try:
         rename_no_replace(work_dir, dst)
-    except BaseException:
+    except BaseException as err:
         if aside is not None:
-            with contextlib.suppress(OSError):
+            try:
                 rename_no_replace(aside, dst)
+            except OSError:  # dst appeared meanwhile: say where the old output is, never lose it
+                raise OSError(f"{dst}: the new output was not moved in ({err}); the old output is kept "
+                              f"at {aside}") from err
         raise
     if aside is not None:
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside)
-        else:
-            aside.unlink()
+        with signals_held_back():  # the new output is complete: finish deleting the old one
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside)
+            else:
+                aside.unlink()
 
 
 # ---- signals -------------------------------------------------------------------------------------

@@ -246,6 +246,21 @@ def test_rename_no_replace_refuses_even_an_empty_folder(tmp_path, monkeypatch, s
     assert (dst / "new").read_text() == "new" and not src.exists()
 
 
+@pytest.mark.parametrize("syscall", ["native", "fallback"])
+def test_rename_no_replace_moves_a_file_too(tmp_path, monkeypatch, syscall):
+    """--force moves an old DST aside with the same rename, and an old DST may be a file or a link."""
+    if syscall == "fallback":
+        monkeypatch.setattr(so, "_rename_syscall", lambda: None)
+    src, dst = tmp_path / "src.txt", tmp_path / "dst.txt"
+    src.write_text("old")
+    so.rename_no_replace(src, dst)
+    assert dst.read_text() == "old" and not src.exists()
+    src.write_text("other")
+    with pytest.raises(FileExistsError, match="already exists"):
+        so.rename_no_replace(src, dst)
+    assert dst.read_text() == "old" and src.read_text() == "other"
+
+
 # ---- 5. untrusted code ------------------------------------------------------------------------------
 
 def test_a_tokenizer_with_auto_map_never_runs_its_code(tmp_path, monkeypatch, capsys, data):
