@@ -97,7 +97,7 @@ class Run:
         self.lock = threading.RLock()
         self.finished = False
         out.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(out / "log.txt", "w")
+        self.log_file = open(out / "log.txt", "a")  # a rerun with --only adds to it
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.start)

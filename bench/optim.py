@@ -225,10 +225,12 @@ def main(argv=None) -> int:
     ]
     emit("\n".join(lines), args.out)
     if args.json:
-        args.json.write_text(json.dumps({
+        tmp = args.json.with_name(args.json.name + ".partial")  # renamed when complete
+        tmp.write_text(json.dumps({
             "fused_ms": fused_ms, "resident_ms": rows[2]["ms"], "resident_ratio": resident_ratio,
             "paged_ms": rows[3]["ms"], "ideal_ms": ideal_ms, "paged_ratio": paged_ratio,
             "paged_state_bytes_on_gpu": rows[3]["held"], "budget_bytes": budget, "check_max_rel_diff": worst}))
+        tmp.replace(args.json)
     return 0
 
 
