@@ -143,14 +143,19 @@ def test_bias_and_modules_to_save_train_and_round_trip_with_peft(bias, tmp_path)
     torch.testing.assert_close(logits(base.eval(), ids), ours, rtol=1e-4, atol=1e-4)
 
 
-def test_bnb_fp4_model_bridges_to_the_same_bytes(tmp_path):
-    """bnb_4bit_quant_type="fp4": the bridge keeps bitsandbytes' FP4 bytes and table."""
+def bnb_loaded_llama(tmp_path, quant_type):
+    """A tiny random Llama loaded by transformers + bitsandbytes in 4 bit, as the tutorials load one."""
     pytest.importorskip("bitsandbytes")
     tiny_model("llama").save_pretrained(tmp_path / "src")
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="fp4",
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
                                              bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config,
-                                                              device_map="cpu")
+    return transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config,
+                                                             device_map="cpu")
+
+
+def test_bnb_fp4_model_bridges_to_the_same_bytes(tmp_path):
+    """bnb_4bit_quant_type="fp4": the bridge keeps bitsandbytes' FP4 bytes and table."""
+    model = bnb_loaded_llama(tmp_path, "fp4")
     packed = model.model.layers[0].mlp.up_proj.weight.data.clone()
     prepare_model(model, r=4, compute_dtype=torch.float32, verbose=False)
     layer = model.model.layers[0].mlp.up_proj
@@ -238,12 +243,7 @@ def test_merged_bitsandbytes_model_is_a_plain_model_again(tmp_path):
     """prepare_model marks a bitsandbytes-loaded model as adapted for transformers (Trainer refuses a
     4-bit model otherwise); merge_and_unload must take the mark away, or transformers' save_pretrained
     would look for PEFT adapters that are gone."""
-    pytest.importorskip("bitsandbytes")
-    tiny_model("llama").save_pretrained(tmp_path / "src")
-    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                             bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", quantization_config=config,
-                                                              device_map="cpu")
+    model = bnb_loaded_llama(tmp_path, "nf4")
     model = prepare_model(model, r=4, dropout=0.0, compute_dtype=torch.float32, verbose=False)
     assert model._hf_peft_config_loaded
     merge_and_unload(model)
