@@ -286,11 +286,17 @@ def make_row(config: str, facts: dict, launch: Launch, work: dict) -> Row:
     issue_s *= (-(-waves // 1) / waves) if waves >= 1 else 1.0 / waves
     mem_s, mma_s = work["bytes"] / MEM_BYTES_PER_S, work.get("flops", 0) / MMA_FLOP_PER_S
     floor_s = max(mem_s, mma_s)
-    if facts["mma"] != "none (CUDA cores)":
-        # The build waits for each k-step's MMAs before decoding the next tile: no overlap, the
-        # decode's issue time adds to the tensor cores' time.
-        issue_s += mma_s
-    notes = dict(decode_over_mma=round((issue_s - mma_s) / mma_s, 2) if facts["mma"] != "none (CUDA cores)" else None,grid=list(launch.grid), tile="x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c),
+    uses_mma = facts["mma"] != "none (CUDA cores)"
+    decode_s = issue_s
+    # Each CTA waits for its k-step's MMAs before decoding the next tile. With one CTA per SM the
+    # decode's issue time adds to the tensor cores' time; with two or more (independent warpgroups),
+    # one decodes while another's wgmma runs, and the larger of the two bounds the SM.
+    overlapped = uses_mma and facts["ctas_per_sm"] >= 2
+    if uses_mma:
+        issue_s = max(issue_s, mma_s) if overlapped else issue_s + mma_s
+    notes = dict(decode_over_mma=round(decode_s / mma_s, 2) if uses_mma else None,
+                 overlap=(f"{facts['ctas_per_sm']} CTAs" if overlapped else "none") if uses_mma else None,
+                 grid=list(launch.grid), tile="x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c),
                  split_k=c.get("SPLIT_K", c.get("SPLIT_N", 1)), num_warps=launch.num_warps, num_stages=launch.num_stages)
     return Row(config=config, waves=round(waves, 2), modelled_us=round(max(issue_s, floor_s) * 1e6, 1),
                floor_us=round(floor_s * 1e6, 1), bound="memory" if mem_s >= mma_s else "tensor cores",
@@ -351,15 +357,21 @@ def report(shapes=SHAPES, ms=MS, only: str = "") -> list[Row]:
     return rows
 
 
+def _decode_cell(notes: dict) -> str:
+    if notes.get("decode_over_mma") is None:
+        return "-"
+    return f"{notes['decode_over_mma']} ({notes['overlap']})"
+
+
 def markdown(rows: list[Row]) -> str:
     head = ("| config | kernel (tile, split-K) | regs | spills | smem B | CTAs/SM | waves | SASS/elem | LDG bits "
-            "| STG bits | MMA | decode / MMA time | model us | floor us (bound) |")
+            "| STG bits | MMA | decode / MMA time (overlap) | model us | floor us (bound) |")
     lines = [head, "|" + "---|" * 14]
     for r in rows:
         extra = f" ({r.notes.get('tile') or '-'}, {r.notes.get('split_k', 1)})" if r.notes.get("tile") else ""
         lines.append(f"| {r.config} | {r.kernel}{extra} | {r.regs} | {r.spills} | {r.shared} | {r.ctas_per_sm} | "
                      f"{r.waves} | {r.sass_per_element} | {r.loads} | {r.stores} | {r.mma} | "
-                     f"{'-' if r.notes.get('decode_over_mma') is None else r.notes['decode_over_mma']} | {r.modelled_us} | "
+                     f"{_decode_cell(r.notes)} | {r.modelled_us} | "
                      f"{r.floor_us} ({r.bound}) |")
     return "\n".join(lines)
 

@@ -87,7 +87,8 @@ def test_fused_split_k_and_tiles(poison, M, split_k):
     y = MM.nf4_linear_fused(x, *args, split_k=split_k)
     assert rel_err(y, x.double() @ w64.T) <= 1e-2
     # The large-M tile configuration on a small problem.
-    big = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+    big = MM._fused_config(4096, 64)
+    assert big["BLOCK_M"] == 128
     assert rel_err(MM.nf4_linear_fused(x, *args, config=big), x.double() @ w64.T) <= 1e-2
 
 
@@ -181,10 +182,18 @@ def test_split_rule_fills_a_wave(monkeypatch):
 
 def test_large_m_model_and_one_scratch_buffer(poison):
     from qlora.kernels import large_m
-    # The documented crossing: fused tiles up to a few hundred rows, dequantise + cuBLAS at 4096.
-    assert large_m.prefer_fused(128, 4096, 4096) and not large_m.prefer_fused(4096, 4096, 4096)
-    assert large_m.prefer_fused(128, 4096, 4096, "grad_input")
-    assert not large_m.prefer_fused(4096, 11008, 4096, "grad_input")
+    # Worked by hand for M = N = K = 4096 (H100: 687 TFLOP/s, 3.02 TB/s, 132 SMs x 4 x 1.755 GHz):
+    # MMA 2 * 4096^3 / 687e12 = 200.06 us; forward decode 4096^2 * 32 tiles of rows * 5.5 / 32 /
+    # 926.64e9 = 99.58 us; dequantise (8388608 + 262144 + 33554432 B) / 3.02e12 = 13.97 us.
+    fused_1cta = large_m.fused_seconds(4096, 4096, 4096, ctas_per_sm=1)
+    assert fused_1cta == pytest.approx(299.64e-6, rel=1e-3)
+    assert large_m.fused_seconds(4096, 4096, 4096) == pytest.approx(200.06e-6, rel=1e-3)  # decode hidden
+    assert large_m.dequant_cublas_seconds(4096, 4096, 4096) == pytest.approx(214.03e-6, rel=1e-3)
+    # Two CTAs per SM overlap decode with the MMA: fused at every M; lockstep tiles would lose at 4096.
+    assert MM._fused_config(4096, 64)["ctas_per_sm"] == large_m.FUSED_CTAS_PER_SM == 2
+    for M in (128, 4096):
+        assert large_m.prefer_fused(M, 4096, 4096) and large_m.prefer_fused(M, 11008, 4096, "grad_input")
+    assert fused_1cta > large_m.dequant_cublas_seconds(4096, 4096, 4096)
     # Two layers' weights dequantise into the same buffer (one per device), with the right results.
     first, w1 = make_weight(40, 128, 64, seed=1)
     second, w2 = make_weight(24, 192, 64, seed=2)

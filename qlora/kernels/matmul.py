@@ -169,7 +169,11 @@ def _fused_config(M: int, blocksize: int):
     if M <= SMALL_M:
         return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4,
                     ctas_per_sm=6 if M <= 16 else 4)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=1)
+    # One warpgroup per CTA and two CTAs per SM (255 registers, 54 KB shared; three stages spill in
+    # the bias epilogue): each CTA waits on its own wgmma, and while it does the other CTA's warps
+    # decode their next W tile, so the SM's tensor cores and issue slots work at once (large_m.py).
+    # 8 warps in one CTA would decode and multiply in lockstep.
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=2, ctas_per_sm=2)
 
 
 def _grad_input_config(M: int, blocksize: int):
@@ -177,7 +181,8 @@ def _grad_input_config(M: int, blocksize: int):
     if M <= SMALL_M:
         return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4,
                     num_stages=4, ctas_per_sm=5 if M <= 16 else 4)
-    return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3, ctas_per_sm=3)
+    # As the forward: one warpgroup, two CTAs per SM (183 registers; two stages keep 87 KB shared).
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=2, ctas_per_sm=2)
 
 
 def nf4_linear_fused(x2, packed, absmax, quant_map, N, K, blocksize, nested_absmax=None, nested_code=None,
