@@ -183,10 +183,10 @@ def test_split_rule_fills_a_wave(monkeypatch):
 def test_large_m_model_and_one_scratch_buffer(poison):
     from qlora.kernels import large_m
     # Worked by hand for M = N = K = 4096 (H100: 687 TFLOP/s, 3.02 TB/s, 132 SMs x 4 x 1.755 GHz):
-    # MMA 2 * 4096^3 / 687e12 = 200.06 us; forward decode 4096^2 * 32 tiles of rows * 5.5 / 32 /
-    # 926.64e9 = 99.58 us; dequantise (8388608 + 262144 + 33554432 B) / 3.02e12 = 13.97 us.
+    # MMA 2 * 4096^3 / 687e12 = 200.06 us; forward decode 4096^2 * 32 tiles of rows * 5.4 / 32 /
+    # 926.64e9 = 97.77 us; dequantise (8388608 + 262144 + 33554432 B) / 3.02e12 = 13.97 us.
     fused_1cta = large_m.fused_seconds(4096, 4096, 4096, ctas_per_sm=1)
-    assert fused_1cta == pytest.approx(299.64e-6, rel=1e-3)
+    assert fused_1cta == pytest.approx(297.83e-6, rel=1e-3)
     assert large_m.fused_seconds(4096, 4096, 4096) == pytest.approx(200.06e-6, rel=1e-3)  # decode hidden
     assert large_m.dequant_cublas_seconds(4096, 4096, 4096) == pytest.approx(214.03e-6, rel=1e-3)
     # Two CTAs per SM overlap decode with the MMA: fused at every M; lockstep tiles would lose at 4096.

@@ -14,7 +14,7 @@ issue-rate model fed with what bench/sass_report.py reads from the sm_90a build 
   cuBLAS  = dequantise (N*K/2 + N*K/64 bytes read, 2*N*K written, at copy speed) + max(MMA time,
             bytes of x, W and out at copy speed).
 
-With 5.5 (forward) and 6.6 (input gradient) SASS per element the model puts the fused tiles below
+With 5.4 (forward) and 5.8 (input gradient) SASS per element the model puts the fused tiles below
 dequantise + cuBLAS at every M for the Llama shapes (at M = 4096: 1.00x against 1.07x the bf16
 MMA time), so large M stays fused and no scratch W is needed; dequantise + cuBLAS remains for K not
 a multiple of the blocksize, float32, and any shape where the model says so. It is a model: the
@@ -29,7 +29,7 @@ import torch
 SM_COUNT, CLOCK_HZ, ISSUE_PER_CLOCK = 132, 1.755e9, 4
 COPY_BYTES_PER_S, MMA_FLOP_PER_S = 3.02e12, 687e12
 # Main-loop SASS per weight element of the fused kernels' sm_90a build (bench/RESULTS.md).
-FUSED_SASS_PER_ELEMENT = {"forward": 5.5, "grad_input": 6.6}
+FUSED_SASS_PER_ELEMENT = {"forward": 5.4, "grad_input": 5.8}
 FUSED_BLOCK_M = 128
 # CTAs of the large-M tiles resident on one SM at once (matmul._fused_config): two or more overlap.
 FUSED_CTAS_PER_SM = 2

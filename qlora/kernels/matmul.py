@@ -53,24 +53,24 @@ def nf4_linear_grad_input_reference(grad_out, packed, absmax, quant_map, out_fea
 
 
 @triton.jit
-def _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
-            rows, k0, N, K, row_bytes, BLOCKSIZE: tl.constexpr, BLOCK_K: tl.constexpr, ROWS: tl.constexpr,
-            DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr):
-    """W[rows, k0:k0+BLOCK_K] in float32, [len(rows), BLOCK_K].
-
-    Needs K % BLOCKSIZE == 0, BLOCK_K dividing BLOCKSIZE and k0 a multiple of BLOCK_K: then each
-    row of the tile lies in one quantisation block and needs one scale. Rows past N come back
-    finite (they are multiplied by masked zeros or not stored)."""
-    rows = rows.to(tl.int64)
-    row_mask = rows < N
-    # k0 is a multiple of BLOCK_K (the loops step by it from multiples of it): said, so loads stay wide.
-    byte_cols = tl.multiple_of(k0 // 2, BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    byte = tl.load(packed_ptr + _row_byte_offsets(rows, row_bytes, byte_cols), mask=row_mask[:, None], other=0)
-    scale = _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
-                          (rows * K + k0) // BLOCKSIZE, row_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+def _w_tile(byte, scale, table, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W tile [ROWS, BLOCK_K] in float32 from its packed bytes [ROWS, BLOCK_K // 2] and one scale per
+    row: each row of the tile lies in one quantisation block (BLOCK_K divides the blocksize and tiles
+    start at multiples of BLOCK_K)."""
     hi, lo = _decode_bytes(table, tl.reshape(byte, [ROWS * (BLOCK_K // 2)]))
     w = tl.interleave(tl.reshape(hi, [ROWS, BLOCK_K // 2]), tl.reshape(lo, [ROWS, BLOCK_K // 2]))
     return w * scale[:, None]
+
+
+@triton.jit
+def _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row_blocks, k0,
+                 BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+                 ON_GPU: tl.constexpr):
+    """Scales of the rows whose first block is row_blocks (int64, rows * (K // BLOCKSIZE)) at column k0."""
+    blocks = row_blocks + k0 // BLOCKSIZE
+    # Rows were clamped in range: the mask is always true (one compare per row, not per element).
+    return _block_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blocks, blocks >= 0,
+                         DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
 
 
 @triton.jit
@@ -107,18 +107,28 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
 
     rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = tl.arange(0, BLOCK_K)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     table = _pair_table(qmap_ptr)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    # K is a multiple of BLOCK_K (it is one of blocksize): no k masks.
+    # Rows past M or N read the last row instead (finite, never stored): the loads need no masks, and
+    # K is a multiple of BLOCK_K (it is one of the blocksize): no k masks. Pointers step by a tile.
+    x_rows = tl.minimum(rm, M - 1)
+    w_rows = tl.minimum(rn, N - 1).to(tl.int64)
+    # k_start is a multiple of BLOCK_K: said, so that the loads stay 16 bytes wide.
+    k_start = tl.multiple_of(k_start, BLOCK_K)
+    x_ptrs = x_ptr + x_rows[:, None] * K + (k_start + tl.arange(0, BLOCK_K))[None, :]
+    byte_ptrs = packed_ptr + _row_byte_offsets(w_rows, row_bytes, k_start // 2 + tl.arange(0, BLOCK_K // 2))
+    row_blocks = w_rows * (K // BLOCKSIZE)
     for k0 in range(k_start, k_end, BLOCK_K):
-        a = tl.load(x_ptr + rm[:, None] * K + (k0 + rk)[None, :], mask=(rm < M)[:, None], other=0.0)
-        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
-                    rn, k0, N, K, row_bytes, BLOCKSIZE, BLOCK_K, BLOCK_N, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        a = tl.load(x_ptrs)
+        scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row_blocks, k0,
+                             BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        w = _w_tile(tl.load(byte_ptrs), scale, table, BLOCK_N, BLOCK_K)
         acc = _dot(a, tl.trans(_round_to(w, dtype, ON_GPU)), acc, ON_GPU)
+        x_ptrs += BLOCK_K
+        byte_ptrs += BLOCK_K // 2
 
     mask = (rm < M)[:, None] & (rn < N)[None, :]
     if SPLIT_K > 1:
@@ -133,7 +143,7 @@ def _nf4_linear_kernel(x_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_
 @triton.jit
 def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                                   qmap_ptr, out_ptr, M, N, K, row_bytes, n_per_split,
-                                  SPLIT_N: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                                  SPLIT_N: tl.constexpr, EVEN_N: tl.constexpr, BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
                                   NESTED_BLOCKSIZE: tl.constexpr, ON_GPU: tl.constexpr,
                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                                   GROUP_M: tl.constexpr):
@@ -149,12 +159,22 @@ def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_p
     dtype = g_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     table = _pair_table(qmap_ptr)
-    for n0 in range(split * n_per_split, tl.minimum(split * n_per_split + n_per_split, N), BLOCK_N):
+    n_start = split * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    # Rows of g past M read its last row (never stored). Columns of g past N (the last tile) are
+    # zeros, and W's rows past N read its last row (finite), so they add nothing.
+    g_rows = g_ptr + tl.minimum(rm, M - 1)[:, None] * N
+    for n0 in range(n_start, n_end, BLOCK_N):
         rn = n0 + tl.arange(0, BLOCK_N)
-        g = tl.load(g_ptr + rm[:, None] * N + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :], other=0.0)
-        w = _w_tile(packed_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, table,
-                    rn, k0, N, K, row_bytes, BLOCKSIZE, BLOCK_K, BLOCK_N, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
-        acc = _dot(g, _round_to(w, dtype, ON_GPU), acc, ON_GPU)
+        if EVEN_N:
+            g = tl.load(g_rows + rn[None, :])
+        else:
+            g = tl.load(g_rows + rn[None, :], mask=(rn < N)[None, :], other=0.0)
+        w_rows = tl.minimum(rn, N - 1).to(tl.int64)
+        byte = tl.load(packed_ptr + _row_byte_offsets(w_rows, row_bytes, k0 // 2 + tl.arange(0, BLOCK_K // 2)))
+        scale = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, w_rows * (K // BLOCKSIZE),
+                             k0, BLOCKSIZE, DOUBLE_QUANT, NESTED_BLOCKSIZE, ON_GPU)
+        acc = _dot(g, _round_to(_w_tile(byte, scale, table, BLOCK_N, BLOCK_K), dtype, ON_GPU), acc, ON_GPU)
     if SPLIT_N > 1:
         tl.store(out_ptr + split.to(tl.int64) * M * K + rm[:, None] * K + rk[None, :], acc, mask=(rm < M)[:, None])
     else:
@@ -220,7 +240,8 @@ def nf4_linear_grad_input_fused(g2, packed, absmax, quant_map, N, K, blocksize, 
     out = split_k_output(split_n, M, K, g2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_linear_grad_input_kernel[(tiles, split_n)](
-        g2, *weights, out, M, N, K, K // 2, n_per_split, SPLIT_N=split_n, BLOCKSIZE=blocksize,
+        g2, *weights, out, M, N, K, K // 2, n_per_split, SPLIT_N=split_n,
+        EVEN_N=N % cfg["BLOCK_N"] == 0, BLOCKSIZE=blocksize,
         DOUBLE_QUANT=nested_absmax is not None, NESTED_BLOCKSIZE=NESTED_BLOCKSIZE, ON_GPU=backend.on_gpu(g2),
         GROUP_M=8, **cfg,
     )
