@@ -311,16 +311,16 @@ def _meta_weight(N: int, K: int, blocksize: int = 64):
             torch.empty(256, **meta), torch.empty((), **meta))
 
 
-def configs(shapes, ms):
+def configs(shapes, ms, blocksize: int = 64):
     """(config name, op to call on meta tensors, work: elements, bytes and flops of the op)."""
     for N, K in shapes:
-        w = _meta_weight(N, K)
-        nf4_bytes = N * K // 2 + N * K // 64
+        w = _meta_weight(N, K, blocksize)
+        nf4_bytes = N * K // 2 + N * K // blocksize
         yield (f"dequantise {N}x{K}", lambda w=w: D.dequantize_nf4_triton(*w[:3], w[3] * w[4], w[5],
                                                                            torch.bfloat16, *w[6:]),
                dict(elements=N * K, bytes=nf4_bytes + 2 * N * K))
         yield (f"quantise {N}x{K}", lambda N=N, K=K: Q.quantize_nf4_blocks_triton(
-            torch.empty(N, K, dtype=torch.bfloat16, device="meta"), 64),
+            torch.empty(N, K, dtype=torch.bfloat16, device="meta"), blocksize),
                dict(elements=N * K, bytes=2 * N * K + nf4_bytes))
         for M in ms:
             x = torch.empty(M, K, dtype=torch.bfloat16, device="meta")
@@ -338,9 +338,9 @@ def configs(shapes, ms):
         torch.zeros(1, getattr(A, "SCALAR_COLUMNS", 8))), dict(elements=n, bytes=n * (2 + 2 + 2 + 4 * 4)))
 
 
-def report(shapes=SHAPES, ms=MS, only: str = "") -> list[Row]:
+def report(shapes=SHAPES, ms=MS, only: str = "", blocksize: int = 64) -> list[Row]:
     rows, facts = [], {}
-    for config, op, work in configs(shapes, ms):
+    for config, op, work in configs(shapes, ms, blocksize):
         if not any(part in config for part in only.split(",")):
             continue
         try:
@@ -382,13 +382,14 @@ def main(argv=None) -> int:
     parser.add_argument("--ms", default=",".join(map(str, MS)))
     parser.add_argument("--only", default="", help="only the configs whose name contains one of these "
                                                     "(comma-separated)")
+    parser.add_argument("--blocksize", type=int, default=64, help="quantisation blocksize of the weights")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
     args = parser.parse_args(argv)
     if not tools_available():
         print(f"bench/sass_report.py: Triton's nvdisasm/cuobjdump not found under {BIN}", file=sys.stderr)
         return 1
     shapes = [tuple(int(s) for s in shape.split("x")) for shape in args.shapes.split(",")]
-    rows = report(shapes, [int(m) for m in args.ms.split(",") if m], args.only)
+    rows = report(shapes, [int(m) for m in args.ms.split(",") if m], args.only, args.blocksize)
     print(markdown(rows))
     if args.json:
         tmp = args.json.with_name(args.json.name + ".partial")

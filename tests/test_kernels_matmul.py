@@ -70,7 +70,7 @@ def test_gemv_split_k(poison, M, split_k):
 
 
 @pytest.mark.parametrize("M", [1, 2])
-@pytest.mark.parametrize("blocksize", [32, 128, 256])
+@pytest.mark.parametrize("blocksize", [32, 128, 256, 2048])
 def test_gemv_blocksizes(poison, M, blocksize):
     # M = 1 sums each 16-byte run in-thread and scales it once (runs of 16 bytes: one per 32-block,
     # four per 128-block); M >= 2 scales each weight. Both to float32 accuracy.

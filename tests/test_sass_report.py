@@ -45,3 +45,19 @@ def test_report_builds_and_meets_the_loop_targets(tmp_path):
         assert row["notes"]["overlap"] == f"{row['ctas_per_sm']} CTAs" and row["notes"]["decode_over_mma"] < 1
         assert row["modelled_us"] == pytest.approx(row["floor_us"], rel=0.01)  # tensor-core bound
     assert "| dequantise 4096x4096 |" in result.stdout  # the markdown table too
+
+
+def test_gemv_keeps_its_registers_at_large_blocksizes(tmp_path):
+    # bitsandbytes allows blocksizes up to 4096: the GEMV's tile (and its accumulator at M >= 2) must
+    # not grow with the blocksize until it spills (it spilled 4-14 KB per thread at 1024-4096).
+    out = tmp_path / "rows.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("QLORA_BACKEND", None)
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "sass_report.py"), "--shapes", "4096x4096",
+                             "--ms", "1,2,4", "--only", "forward", "--blocksize", "4096", "--json", str(out)],
+                            capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["config"] for row in rows] == [f"forward 4096x4096 M={m}" for m in (1, 2, 4)]
+    for row in rows:
+        assert row["kernel"] == "_nf4_gemv_kernel" and row["spills"] == 0 and row["waves"] >= 1

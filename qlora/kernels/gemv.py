@@ -136,10 +136,13 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     M = x2.shape[0]
     assert M <= GEMV_MAX_M and K % blocksize == 0 and blocksize >= 32
     # 64 weights a thread. At M = 1, 8 rows x 1024 columns a step: N / 8 programs fill an H100 from
-    # N ~ 4096 without split-K (no partial sums to add on the host). At M >= 2, 16 rows x 256.
+    # N ~ 4096 without split-K (no partial sums to add on the host). At M >= 2, 16 rows x 256. A step
+    # holds whole blocks: past those widths, fewer rows keep the tile (and the accumulator at M >= 2,
+    # one partial sum per weight column) the same size instead of spilling.
+    columns = 1024 if M == 1 else 256
     if block_n is None:
-        block_n = 8 if M == 1 else 16
-    blocks_k = max(1, (1024 if M == 1 else 256) // blocksize)
+        block_n = max(1, (8 if M == 1 else 16) * columns // max(columns, blocksize))
+    blocks_k = max(1, columns // blocksize)
     step = blocks_k * blocksize
     k_steps = backend.cdiv(K, step)
     tiles = backend.cdiv(N, block_n)
