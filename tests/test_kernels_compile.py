@@ -123,14 +123,16 @@ SM90_CHECK = textwrap.dedent('''
     assert "max.NaN.f32" in quant.asm["ptx"]  # a NaN input makes its block's absmax NaN (quantize_nf4's check)
     build(Q._quantize_absmax_kernel, dict(absmax_ptr="*fp32", offset_ptr="*fp32", midpoints_ptr="*fp32",
           codes_ptr="*u8", nested_absmax_ptr="*fp32", n="i32"), dict(NESTED_BLOCKSIZE=256), num_warps=4)
-    for cfg in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64), dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)):
-        opts = dict(num_warps=4 if cfg["BLOCK_M"] == 16 else 8, num_stages=3)
+    for M in (16, 4096):  # the configs the dispatch launches
+        cfg = MM._fused_config(M, 64)
+        opts = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+        cfg.pop("ctas_per_sm")
         fwd = build(MM._nf4_linear_kernel, dict(x_ptr="*bf16", **W, bias_ptr="*bf16", out_ptr="*bf16", M="i32",
                     N="i32", K="i32", row_bytes="i32", k_per_split="i32"),
                     dict(HAS_BIAS=True, SPLIT_K=1, BLOCKSIZE=64, GROUP_M=8, **common, **cfg), **opts)
         assert "wgmma" in fwd.asm["ptx"] or "mma.sync" in fwd.asm["ptx"]
         build(MM._nf4_linear_grad_input_kernel, dict(g_ptr="*bf16", **W, out_ptr="*fp32", M="i32", N="i32",
-              K="i32", row_bytes="i32", n_per_split="i32"), dict(SPLIT_N=2, BLOCKSIZE=64, GROUP_M=8, **common, **cfg),
+              K="i32", row_bytes="i32", n_per_split="i32"), dict(SPLIT_N=2, EVEN_N=False, BLOCKSIZE=64, GROUP_M=8, **common, **cfg),
               **opts)
     build(G._nf4_gemv_kernel, dict(x_ptr="*fp16", **W, bias_ptr="*fp16", out_ptr="*fp32", M="i32", N="i32",
           K="i32", row_bytes="i32", k_per_split="i32"), dict(M_PAD=4, BLOCK_N=8, BLOCKS_K=4, BLOCKSIZE=64, HAS_BIAS=False,

@@ -9,7 +9,7 @@ issue-rate model fed with what bench/sass_report.py reads from the sm_90a build 
   fused   = max(MMA time, decode). Within one CTA the build still waits for each k-step's wgmma
             before decoding the next W tile, but the large-M tiles run one warpgroup per CTA and two
             CTAs per SM: while one waits on its wgmma the other decodes, so decode hides behind the
-            tensor cores as long as one CTA's decode takes less than its MMA (0.6-0.85 of it in the
+            tensor cores as long as one CTA's decode takes less than its MMA (0.5-0.8 of it in the
             build). With one CTA per SM it would be MMA time + decode.
   cuBLAS  = dequantise (N*K/2 + N*K/64 bytes read, 2*N*K written, at copy speed) + max(MMA time,
             bytes of x, W and out at copy speed).

@@ -8,13 +8,14 @@ they are (no transposed copy). Which kernel runs, for x with M rows (see also ge
   M <= GEMV_MAX_M      gemv.py: CUDA cores, every 4-bit weight read once, split-K.
   M <= SMALL_M         fused tiles (dequantise in registers, tl.dot) with BLOCK_M 16..64 and
                        split-K: still one read of W, the tensor cores do the multiply-adds.
-  otherwise            fused tiles, 128 x 128, split to fill a wave, while large_m.py's cost model
-                       puts them at or below dequantise-to-scratch + cuBLAS; beyond, that.
+  otherwise            fused tiles, 128 x 128 x 64, one warpgroup per CTA and two CTAs per SM,
+                       split to fill a wave, while large_m.py's cost model puts them at or below
+                       dequantise-to-scratch + cuBLAS (for the Llama shapes: at every M); beyond, that.
 
 Large M is chosen by a model until a GPU measures both paths (bench/kernels.py times the
-`dequant+cuBLAS` column beside the fused one): the sm_90a build (bench/sass_report.py) shows the
-fused decode not overlapped with the wgmma, ~8-13 instructions per weight element per 128 rows of
-x, which at M = 4096 costs more than writing and reading one bf16 copy of W at copy speed.
+`dequant+cuBLAS` column beside the fused one): in the sm_90a build (bench/sass_report.py) each CTA
+waits for its wgmma before decoding the next W tile, but its decode (~5.4-5.8 instructions per weight
+element per 128 rows of x, 0.5-0.8 of its MMA time) can run while the other CTA's wgmma does.
 """
 from __future__ import annotations
 
