@@ -170,14 +170,24 @@ def test_grad_input_split_n(poison, M, split_n):
     assert rel_err(got, g.double() @ w64) <= 1e-2
 
 
-def test_split_rule_fills_a_wave(monkeypatch):
-    # At least ctas_per_sm programs on each of 132 SMs when K allows, and no split left empty.
+def test_split_rule_fills_waves(monkeypatch):
     monkeypatch.setattr(G.backend, "sm_count", lambda device: 132)
-    for tiles, k_steps, ctas in [(32, 64, 1), (64, 64, 4), (7, 128, 6), (4, 16, 3), (600, 64, 1)]:
-        split = G.split_k_for(tiles, k_steps, torch.device("cpu"), ctas)
-        splits, per_split = G.plan_split_k(split, k_steps, 64, k_steps * 64)
-        assert tiles * splits >= min(ctas * 132, tiles * k_steps)
-        assert (splits - 1) * per_split < k_steps * 64  # the last split is not empty
+    cpu = torch.device("cpu")
+    # 32 tiles x 64 steps on 2 x 132 slots: 8 splits of 8 steps is 256 programs, one wave. Asking for
+    # "at least 264 programs" (the old rule) gave 10 splits of 7 steps: 320 programs, two waves.
+    assert G.choose_split(None, 32, 64, 64, 64 * 64, cpu, 2) == (8, 8 * 64)
+    assert G.choose_split(None, 300, 64, 64, 64 * 64, cpu, 2) == (1, 64 * 64)  # tiles already fill it
+    # 448 tiles x 128 steps on 6 x 132 slots: one split is 448 programs (0.57 of a wave) of 128 steps;
+    # 5 splits of 26 are 2240 programs, 2.8 waves of 26 + 4: 90 against 132.
+    assert G.choose_split(None, 448, 128, 64, 128 * 64, cpu, 6) == (5, 26 * 64)
+    for tiles, k_steps, ctas in [(32, 64, 1), (64, 64, 4), (7, 128, 6), (4, 16, 3), (600, 64, 1), (10, 448, 2)]:
+        splits, per_split = G.choose_split(None, tiles, k_steps, 64, k_steps * 64, cpu, ctas)
+        per, slots = per_split // 64, ctas * 132
+        assert (splits - 1) * per < k_steps <= splits * per  # every step covered, no split empty
+        # Never slower, in waves x (steps + overhead) per program, than the old rule's split.
+        old_splits, old_per = G.plan_split_k(max(1, min(k_steps, -(-slots // tiles))), k_steps, 64, k_steps * 64)
+        extra = G.PROGRAM_OVERHEAD_STEPS
+        assert -(-tiles * splits // slots) * (per + extra) <= -(-tiles * old_splits // slots) * (old_per // 64 + extra)
 
 
 def test_large_m_model_and_one_scratch_buffer(poison):

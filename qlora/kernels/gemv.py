@@ -9,6 +9,8 @@ a fixed order: deterministic).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from qlora.kernels import backend
@@ -22,11 +24,26 @@ from qlora.kernels.backend import tl, triton
 GEMV_MAX_M = 4
 
 
-def split_k_for(tiles: int, k_steps: int, device, ctas_per_sm: int = 4) -> int:
-    """Enough K splits for one full wave (ctas_per_sm programs on every SM), when the output alone
-    has too few tiles."""
-    want = ctas_per_sm * backend.sm_count(device)
-    return max(1, min(k_steps, -(-want // tiles))) if tiles < want else 1
+# What a program costs beyond its steps, in steps: the prologue (table, pipeline fill) and storing
+# its float32 partials, which the host sum reads back: a few steps' loads. A guess until a GPU tunes it.
+PROGRAM_OVERHEAD_STEPS = 4
+
+
+@functools.lru_cache(maxsize=4096)
+def steps_per_split(tiles: int, k_steps: int, slots: int) -> int:
+    """Steps of the reduced dimension per split that finish soonest when tiles output tiles share
+    slots program slots (ctas_per_sm x SMs): time ~ waves x (steps per program + overhead), where
+    waves = ceil(tiles x splits / slots). Ties go to fewer splits. A split count that overshoots a
+    wave by a few programs costs a whole second wave: 4096x4096 at M = 128 on two slots per SM takes
+    8 splits of 8 steps (256 programs, 0.97 of a wave), not 10 of 7 (320 programs, 1.2 waves)."""
+    if tiles >= slots:
+        return k_steps
+    best = None
+    for per in range(k_steps, 0, -1):  # descending: the first of equal cost has the fewest splits
+        cost = -(-tiles * -(-k_steps // per) // slots) * (per + PROGRAM_OVERHEAD_STEPS)
+        if best is None or cost < best[0]:
+            best = (cost, per)
+    return best[1]
 
 
 def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, int]:
@@ -40,9 +57,10 @@ def plan_split_k(split_k: int, k_steps: int, step: int, K: int) -> tuple[int, in
 def choose_split(split: int | None, tiles: int, steps: int, step: int, length: int, device,
                  ctas_per_sm: int) -> tuple[int, int]:
     """(splits, elements per split) of the reduced dimension (length, in steps of step elements):
-    `split` when given, else enough for one full wave."""
+    `split` when given, else what steps_per_split finds quickest on this device."""
     if split is None:
-        split = split_k_for(tiles, steps, device, ctas_per_sm)
+        per = steps_per_split(tiles, steps, ctas_per_sm * backend.sm_count(device))
+        return backend.cdiv(length, per * step), per * step
     return plan_split_k(split, steps, step, length)
 
 
@@ -146,8 +164,8 @@ def nf4_gemv_triton(x2, packed, absmax, quant_map, N, K, blocksize, nested_absma
     step = blocks_k * blocksize
     k_steps = backend.cdiv(K, step)
     tiles = backend.cdiv(N, block_n)
-    # 3 CTAs per SM fit at 128..166 registers
-    split_k, k_per_split = choose_split(split_k, tiles, k_steps, step, K, x2.device, ctas_per_sm=3)
+    # Programs per SM in the sm_90a build (bench/sass_report.py): 4 at M <= 2 (128 registers), 3 at M = 4.
+    split_k, k_per_split = choose_split(split_k, tiles, k_steps, step, K, x2.device, ctas_per_sm=4 if M <= 2 else 3)
     out = split_k_output(split_k, M, N, x2)
     weights = weight_args(packed, absmax, quant_map, nested_absmax, nested_code, offset)
     _nf4_gemv_kernel[(tiles, split_k)](
