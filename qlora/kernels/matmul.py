@@ -187,9 +187,13 @@ def _nf4_linear_grad_input_kernel(g_ptr, packed_ptr, absmax_ptr, nested_absmax_p
 # bench/sass_report.py; the split-K rule launches at least one full wave of them.
 def _fused_config(M: int, blocksize: int):
     block_k = min(64, blocksize)
+    # Small M: 128 rows of W a step (64 a step spent ~1.3 more instructions per weight element on the
+    # step's fixed work). Past 16 rows, 64-row wgmma tiles: 32-row ones build to mma.sync at 7.9 per
+    # element, 64-row ones to wgmma at 5.2 (rows past M cost only tensor-core time, which is spare).
+    if M <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4, ctas_per_sm=3)
     if M <= SMALL_M:
-        return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4, num_stages=4,
-                    ctas_per_sm=6 if M <= 16 else 4)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=3, ctas_per_sm=2)
     # One warpgroup per CTA and two CTAs per SM (255 registers, 54 KB shared; three stages spill in
     # the bias epilogue): each CTA waits on its own wgmma, and while it does the other CTA's warps
     # decode their next W tile, so the SM's tensor cores and issue slots work at once (large_m.py).
@@ -199,9 +203,10 @@ def _fused_config(M: int, blocksize: int):
 
 def _grad_input_config(M: int, blocksize: int):
     block_k = min(64, blocksize)
+    if M <= 16:  # as the forward (168 registers: 3 CTAs per SM; 64-row tiles the same)
+        return dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=4, ctas_per_sm=3)
     if M <= SMALL_M:
-        return dict(BLOCK_M=max(16, backend.next_power_of_2(M)), BLOCK_N=64, BLOCK_K=block_k, num_warps=4,
-                    num_stages=4, ctas_per_sm=5 if M <= 16 else 4)
+        return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=3, ctas_per_sm=3)
     # As the forward: one warpgroup, two CTAs per SM (183 registers; two stages keep 87 KB shared).
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, num_warps=4, num_stages=2, ctas_per_sm=2)
 
