@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from qlora.bnb_bridge import convert_bnb_layers
+from qlora.full_precision_lora import disable_adapter
 from qlora.hf_load import load_quantized
 from qlora.layer import QuantLoRALinear
 from qlora.lora_embedding import LoRAEmbedding
@@ -169,8 +170,8 @@ def prepare_model(
     (by load_quantized, or bitsandbytes Linear4bit layers of a model transformers loaded in 4 bit)
     just get adapters; named embeddings get a LoRAEmbedding, and a named module of `skip` (lm_head)
     a LoRALinear over its full-precision weight. Modifies and returns the model, whose
-    save_pretrained then writes the PEFT adapter and whose merge_and_unload() folds the adapters in,
-    as a PeftModel's do.
+    save_pretrained then writes the PEFT adapter, whose merge_and_unload() folds the adapters in and
+    whose disable_adapter() block runs the base alone, as a PeftModel's do.
 
     adapter_dtype: float32 is PEFT's default; bfloat16 (the QLoRA paper's script) halves the
     adapters, their gradients and what the optimizer reads.
@@ -193,6 +194,7 @@ def prepare_model(
     _make_inputs_require_grad(model)
     model.save_pretrained = types.MethodType(save_pretrained_adapter, model)
     model.merge_and_unload = types.MethodType(merge_and_unload, model)
+    model.disable_adapter = types.MethodType(disable_adapter, model)
     if getattr(model, "hf_quantizer", None) is not None:
         # transformers' Trainer refuses a 4-bit model without PEFT adapters; this one has qlora's.
         model._hf_peft_config_loaded = True
