@@ -18,6 +18,7 @@ from qlora.hf_load import load_quantized
 from qlora.layer import QuantLoRALinear
 from qlora.lora_embedding import LoRAEmbedding
 from qlora.lora_linear import LoRALinear
+from qlora.lora_options import check_lora_settings
 from qlora.merge import merge_and_unload
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
 from qlora.peft_format import load_adapter, save_adapter, save_pretrained_adapter
@@ -175,9 +176,11 @@ def prepare_model(
 
     adapter_dtype: float32 is PEFT's default; bfloat16 (the QLoRA paper's script) halves the
     adapters, their gradients and what the optimizer reads.
-    bias, modules_to_save: as in peft.LoraConfig ("none", "all" or "lora_only"; module names)."""
+    bias, modules_to_save: as in peft.LoraConfig ("none", "all" or "lora_only"; module names).
+    r, alpha, dropout: see qlora.lora_options (r=0 quantises the targets without adapters)."""
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+    check_lora_settings(r, alpha, dropout)
     if use_dora:
         raise ValueError("use_dora=True: DoRA is not supported by qlora; use plain LoRA (use_dora=False)")
     if bias not in BIAS_OPTIONS:
