@@ -14,7 +14,7 @@ import warnings
 import torch
 from torch import nn
 
-from qlora.layer import QuantLoRALinear
+from qlora.layer import QuantLoRALinear, adapter_disabled
 
 
 class FullPrecisionLoRA(nn.Module):
@@ -59,20 +59,13 @@ class FullPrecisionLoRA(nn.Module):
         self.base_layer.weight.data = self._add_delta(-1.0)
         self.merged = False
 
-    @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base layer alone inside the block (a merged layer: unmerged in it, merged after it)."""
-        merged = self.base_layer.weight.data if self.merged else None
-        if merged is not None:
-            self.unmerge()
-        previous, self._adapter_disabled = self._adapter_disabled, True
-        try:
-            yield self
-        finally:
-            self._adapter_disabled = previous
-            if merged is not None and not self.merged:
-                self.base_layer.weight.data = merged  # the very values merge() made, not a second rounding
-                self.merged = True
+        return adapter_disabled(self, self.base_layer.weight.data if self.merged else None, self._remerge)
+
+    def _remerge(self, merged: torch.Tensor) -> None:
+        self.base_layer.weight.data = merged  # the very values merge() made, not a second rounding
+        self.merged = True
 
 
 @contextlib.contextmanager
