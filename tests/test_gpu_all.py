@@ -82,8 +82,9 @@ def test_only_keeps_the_earlier_results_of_the_steps_it_skips(tmp_path):
                        ">= 7")
     e2e_row = T.row("e2e", "7B training tokens/s over bnb + PEFT", "-", "-", None, "-", "error: exit 1")
     earlier = {"env": {"device": "NVIDIA H200", "torch": "2.13"},
-               "status": {"environment": "ok", "correctness": "not reached", "kernels": "ok", "layer": "skipped (--only)",
-                          "optimizer": "ok (earlier run, not rerun)", "e2e": "error: exit 1", "bench-memory": "running"},
+               "status": {"environment": "ok", "correctness": "not reached", "kernels": "ok",
+                          "layer": "skipped (--only)", "optimizer": "ok (earlier run, not rerun)",
+                          "e2e": "error: exit 1", "bench-memory": "running"},
                "seconds": {"kernels": 41.5, "e2e": 3.0}, "data": {}, "stopped": None,
                "rows": [kernel_row, e2e_row, T.row("optimizer", "AdamW step", "1 ms", "1 ms", 1.0, "<= 1.2")]}
     (out / "summary.json").write_text(json.dumps(earlier))
