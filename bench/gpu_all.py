@@ -16,6 +16,10 @@ A watchdog stops the run at --budget seconds (default 540, 9 minutes), whatever 
 current child process, writes the summary of what was measured, and exits with 124. SIGTERM, SIGINT and
 SIGHUP do the same (exit 128 + the signal). Each child also gets at most the time left.
 
+--only reruns the named steps into the same OUTDIR: the other steps keep the earlier run's results there
+(status, rows, seconds, read from its summary.json), marked "earlier run, not rerun"; a step no earlier
+run measured reads "skipped (--only)".
+
 bitsandbytes is not on the GPU machine: bench/fetch_wheels.sh downloads its wheel into .whl/ (git-ignored)
 here; when .whl/ holds wheels and bitsandbytes does not import, this script installs them with
 `pip install --no-index --no-deps --target /tmp/site` and puts /tmp/site on the path (its own and the
@@ -93,6 +97,7 @@ class Run:
         self.status: dict = {}   # step -> "ok", "running", "error: ...", "not reached", ...
         self.seconds: dict = {}
         self.env: dict = {"wheels": wheels}
+        self.earlier_rows: dict = {}  # step -> its rows in the earlier run's summary (a step --only skips)
         self.child: subprocess.Popen | None = None
         self.lock = threading.RLock()
         self.finished = False
@@ -166,6 +171,9 @@ class Run:
         out = []
         for name, _, rows_of in STEPS:
             status = self.status.get(name, "not reached")
+            if name in self.earlier_rows:
+                out += self.earlier_rows[name]
+                continue
             try:
                 out += rows_of(self.data.get(name), "" if status == "ok" else status)
             except Exception as err:  # an output we cannot read must not lose the rest of the summary
@@ -197,6 +205,9 @@ def summary_markdown(run: Run, stopped: str | None) -> str:
                      f"bf16 matmul {env['bf16_matmul_flop_per_s'] / 1e12:.1f} TFLOP/s. Wheels: {env['wheels']}.")
     if stopped:
         lines.append(f"**Stopped early: {stopped}.** Rows below are what was measured until then.")
+    if run.earlier_rows:
+        lines.append(f"Not rerun (--only): {', '.join(run.earlier_rows)}; their rows are the earlier run's, read "
+                     "from summary.json in this folder.")
     lines += ["", "| step | target | figure | baseline (same run) | ratio | limit | verdict |", "|---|---|---|---|---|---|---|"]
     for r in run.rows():
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3g}"
@@ -208,6 +219,38 @@ def summary_markdown(run: Run, stopped: str | None) -> str:
         lines.append(f"| {name} | {run.status.get(name, 'not reached')} | "
                      f"{'-' if seconds is None else f'{seconds:.1f}'} |")
     return "\n".join(lines) + "\n"
+
+
+NOT_RERUN = " (earlier run, not rerun)"
+
+
+def keep_earlier_results(run: Run, skipped: list[str]) -> None:
+    """--only: the steps it skips keep what the earlier run in the same folder measured (status, seconds,
+    rows, data), marked as not rerun; a step with no earlier result reads "skipped (--only)"."""
+    try:
+        earlier = json.loads((run.out / "summary.json").read_text())
+        statuses, rows = earlier["status"], earlier["rows"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no earlier run here (or an unreadable summary): nothing to keep
+    for name in skipped:
+        status = statuses.get(name, "not reached")
+        if status == "not reached" or status.startswith(("skipped", "running")):
+            continue  # the earlier run has no result for it either
+        run.status[name] = status if status.endswith(NOT_RERUN) else status + NOT_RERUN
+        run.earlier_rows[name] = [r for r in rows if r.get("step") == name]
+        if name in earlier.get("seconds", {}):
+            run.seconds[name] = earlier["seconds"][name]
+        if name in earlier.get("data", {}):
+            run.data[name] = earlier["data"][name]
+    if "environment" in run.earlier_rows:  # the header describes the machine the kept rows were measured on
+        run.env = {**earlier.get("env", {}), "wheels": run.env.get("wheels", "")}
+
+
+def plan(run: Run, only: list[str]) -> None:
+    """Every step's status before the run: "not reached" for those it runs, and for the others --only
+    skips, the earlier run's results where there are any."""
+    run.status = {name: "not reached" if name in only else "skipped (--only)" for name, _, _ in STEPS}
+    keep_earlier_results(run, [name for name, _, _ in STEPS if name not in only])
 
 
 # ---- the steps: each measures into run.data[name] and returns its status ---------------------------------
@@ -320,7 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("out", type=Path, help="folder for summary.md, summary.json, tables.md, log.txt, ...")
     parser.add_argument("--budget", type=float, default=540, help="seconds before the watchdog stops the run")
     parser.add_argument("--smoke", action="store_true", help="every step on the CPU with tiny shapes")
-    parser.add_argument("--only", help="comma-separated steps to run (a second run after a partial one): "
+    parser.add_argument("--only", help="comma-separated steps to run (a second run after a partial one; the "
+                                       "others keep the earlier run's results in OUT): "
                                        + ",".join(name for name, _, _ in STEPS))
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",")] if args.only else [name for name, _, _ in STEPS]
@@ -331,7 +375,7 @@ def main(argv=None) -> int:
         print("bench/gpu_all.py: no CUDA device here; run it on the GPU machine, or --smoke for the CPU check")
         return 0
     run = Run(args.out, args.smoke, args.budget, "smoke run: no install" if args.smoke else install_wheels())
-    run.status = {name: "not reached" if name in only else "skipped (--only)" for name, _, _ in STEPS}
+    plan(run, only)
     if args.smoke:
         (args.out / "smoke-config.json").write_text(json.dumps(SMOKE_CONFIG))
     watchdog = threading.Timer(max(run.left(), 0), run.stop, (f"the {args.budget:.0f} s budget ran out", 124))

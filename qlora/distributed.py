@@ -100,24 +100,27 @@ class Distributed:
 
     @contextlib.contextmanager
     def whole(self, model: nn.Module, optimizer):
-        """(model, optimizer view) to save from: the adapters as whole tensors and state_dict() with
-        whole moments. A collective under FSDP: every rank must enter it."""
+        """(model, optimizer view) to save from: every trainable parameter as a whole tensor and state_dict()
+        with whole moments. A collective under FSDP: every rank must enter it."""
         model = self.unwrap(model)
         if self.mode != "fsdp":
             yield model, optimizer
             return
         saved = []
-        for layer in quantised_layers(model).values():
-            for part in (layer.lora_A, layer.lora_B):
-                if part is not None:
-                    saved.append((part, part._parameters["weight"]))
-                    part._parameters["weight"] = nn.Parameter(full_tensor(part.weight.detach()),
-                                                              requires_grad=False)
+        # Every trainable parameter, whatever holds it: QuantLoRALinear's, LoRALinear's and LoRAEmbedding's
+        # adapters, trained biases and modules_to_save (what save_adapter writes). In module order, the same
+        # on every rank, as the collectives need.
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    saved.append((module, name, p))
+        for module, name, p in saved:
+            module._parameters[name] = nn.Parameter(full_tensor(p.detach()), requires_grad=False)
         try:
             yield model, _WholeOptimizerState(optimizer)
         finally:
-            for part, weight in saved:
-                part._parameters["weight"] = weight
+            for module, name, p in saved:
+                module._parameters[name] = p
 
     def load_optimizer_state(self, optimizer, state_dict: dict) -> None:
         """Load whole moments (as saved from whole()) into an optimizer over sharded or whole parameters."""

@@ -28,6 +28,7 @@ import torch
 from qlora.checkpoint import replacing
 from qlora.finetune_data import HELD_OUT_FRACTION, batch_at, held_out_loss, read_records, split_held_out, tokenize
 from qlora.finetune_model import describe_model, device_and_dtype, load_model, load_tokenizer
+from qlora.lora_options import check_lora_settings
 from qlora.safe_output import (
     check_output_apart, make_partial_dir, remove_stale_partials, removes_partials_on_error, replace_dir,
     signals_held_back,
@@ -138,12 +139,10 @@ def load_checkpoint(out: Path, settings: Settings) -> dict:
 
 
 def _check_numbers(**values) -> None:
-    """Finite values in range: a NaN alpha would train to NaN and report it as a result."""
+    """Finite values in range: a NaN clip would train to NaN and report it as a result."""
     for name, value in values.items():
         if value is not None and not math.isfinite(value):
             raise _user_error(f"--{name.replace('_', '-')} must be a finite number, got {value}")
-    if not 0 <= values["dropout"] < 1:
-        raise _user_error(f"--dropout must be in [0, 1), got {values['dropout']}")
     for name in ("max_grad_norm", "weight_decay"):
         if values[name] is not None and values[name] < 0:
             raise _user_error(f"--{name.replace('_', '-')} must not be negative, got {values[name]}")
@@ -225,11 +224,10 @@ def _finetune(run, *, model, data, out, steps, r, alpha, dropout, lr, max_grad_n
     out = Path(out) if out is not None else DEFAULT_OUT
     if steps < 1 or batch < 1 or save_every < 1:
         raise _user_error("--steps, --batch and --save-every must be at least 1")
-    if r < 1:
-        raise _user_error(f"--r must be at least 1, got {r}")
+    check_lora_settings(r, alpha, dropout, cli=True)
     if not (lr > 0 and math.isfinite(lr)):
         raise _user_error(f"--lr must be a positive number, got {lr}")
-    _check_numbers(alpha=alpha, dropout=dropout, max_grad_norm=max_grad_norm, weight_decay=weight_decay)
+    _check_numbers(max_grad_norm=max_grad_norm, weight_decay=weight_decay)
     device, dtype = device_and_dtype(device, compute_dtype)
     device = run.device(str(device))
     info = describe_model(model_dir)

@@ -79,6 +79,21 @@ def lora_scale(r: int, alpha: float, use_rslora: bool) -> float:
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+@contextlib.contextmanager
+def adapter_disabled(layer: nn.Module, merged_state, remerge):
+    """disable_adapter() of every adapter layer: the adapter off inside the block; a merged layer
+    (merged_state not None) unmerged for the block and after it given merged_state back by remerge()."""
+    if merged_state is not None:
+        layer.unmerge()
+    previous, layer._adapter_disabled = layer._adapter_disabled, True
+    try:
+        yield layer
+    finally:
+        layer._adapter_disabled = previous
+        if merged_state is not None and not layer.merged:
+            remerge(merged_state)
+
+
 class QuantLoRALinear(nn.Module):
     """Frozen NF4 linear plus LoRA. r = 0 means no adapter (a plain 4-bit linear).
 
@@ -320,23 +335,17 @@ class QuantLoRALinear(nn.Module):
             cached = self.__dict__["_adapter_cast"] = (key, a.to(dtype), b.to(dtype))
         return cached[1], cached[2]
 
-    @contextlib.contextmanager
     def disable_adapter(self):
         """Run the base layer alone inside the block. A merged layer gets its original bytes back for
         the block (PEFT unmerges too) and its merged bytes after it (PEFT stays unmerged: see README)."""
-        merged = (self.nf4_weight, self._merge_report) if self.merged else None
-        if merged is not None:
-            self.unmerge()
-        previous, self._adapter_disabled = self._adapter_disabled, True
-        try:
-            yield self
-        finally:
-            self._adapter_disabled = previous
-            if merged is not None and not self.merged:
-                # The same bytes merge() made: requantising W + scale*B@A again would give them too.
-                self._original_weight = self.nf4_weight
-                self._set_weight(merged[0].to(self.weight.device))
-                self.merged, self._merge_report = True, merged[1]
+        return adapter_disabled(self, (self.nf4_weight, self._merge_report) if self.merged else None,
+                                self._remerge)
+
+    def _remerge(self, merged: tuple) -> None:
+        # The same bytes merge() made: requantising W + scale*B@A again would give them too.
+        self._original_weight = self.nf4_weight
+        self._set_weight(merged[0].to(self.weight.device))
+        self.merged, self._merge_report = True, merged[1]
 
     # ---- merging and export ----------------------------------------------------------------------
 

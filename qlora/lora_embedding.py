@@ -11,12 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora.full_precision_lora import FullPrecisionLoRA
 from qlora.layer import lora_scale
 
 
-class LoRAEmbedding(nn.Module):
-    is_qlora_adapter = True
-
+class LoRAEmbedding(FullPrecisionLoRA):
     def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -41,6 +40,8 @@ class LoRAEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(ids)
+        if not self.adapter_active:
+            return out
         base = self.base_layer
         after_a = F.embedding(ids, self.lora_embedding_A.T, padding_idx=base.padding_idx, max_norm=base.max_norm,
                               norm_type=base.norm_type, scale_grad_by_freq=base.scale_grad_by_freq,
@@ -55,11 +56,11 @@ class LoRAEmbedding(nn.Module):
     def merged_embedding(self, dtype: torch.dtype | None = None) -> nn.Embedding:
         """The base nn.Embedding (same class, so embed_scale and the like stay) holding W + delta,
         written into its own Parameter as PEFT merges: an lm_head tied to it stays tied (and so
-        sees the update too, as with PEFT)."""
+        sees the update too, as with PEFT). A merged layer's table already holds it."""
         base = self.base_layer
-        weight = base.weight.float() + self.delta_weight(torch.float32)
+        weight = base.weight if self.merged else base.weight.float() + self.delta_weight(torch.float32)
         base.weight.data = weight.to(dtype or base.weight.dtype)
         return base
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}"
+        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}, merged={self.merged}"

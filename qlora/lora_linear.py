@@ -8,12 +8,11 @@ import math
 import torch
 from torch import nn
 
+from qlora.full_precision_lora import FullPrecisionLoRA
 from qlora.layer import lora_scale
 
 
-class LoRALinear(nn.Module):
-    is_qlora_adapter = True
-
+class LoRALinear(FullPrecisionLoRA):
     def __init__(self, base_layer: nn.Linear, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
@@ -38,19 +37,26 @@ class LoRALinear(nn.Module):
     def bias(self):
         return self.base_layer.bias
 
+    def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """scale * B A: what the adapter adds to W [out, in]."""
+        return (self.lora_B.weight.to(dtype) @ self.lora_A.weight.to(dtype)) * self.scaling
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
+        if not self.adapter_active:
+            return out
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
 
     @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """The base nn.Linear holding W + scale * B A, written into its own Parameter (as PEFT
-        merges), so a tied embedding shares the update as it would with PEFT."""
+        merges), so a tied embedding shares the update as it would with PEFT. A merged layer's weight
+        already holds it."""
         base = self.base_layer
-        delta = (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
-        base.weight.data = (base.weight.float() + delta).to(dtype or base.weight.dtype)
+        weight = base.weight if self.merged else base.weight.float() + self.delta_weight(torch.float32)
+        base.weight.data = weight.to(dtype or base.weight.dtype)
         return base
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}"
+        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}, merged={self.merged}"

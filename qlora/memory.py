@@ -14,6 +14,7 @@ import torch
 
 from qlora.checkpoint import replacing
 from qlora.errors import UserError
+from qlora.lora_options import check_lora_settings
 # Re-exported: bench/e2e.py and callers of the earlier single module import these from qlora.memory.
 from qlora.memory_measure import build_random_model, measure  # noqa: F401
 from qlora.memory_placement import DEFAULT_GPU_MEMORY, Placement, place
@@ -162,10 +163,9 @@ def _check_output_file(path: str | None, option: str) -> None:
 
 def _check_arguments(args) -> list[str]:
     """The modes to run, after every argument is checked (each problem one line)."""
-    if args.seq < 2 or args.batch < 1 or args.r < 1:
-        raise UserError("--seq must be at least 2, --batch and --r at least 1")
-    if not 0 <= args.dropout < 1:  # also refuses nan
-        raise UserError(f"--dropout {args.dropout}: must be at least 0 and below 1")
+    if args.seq < 2 or args.batch < 1:
+        raise UserError("--seq must be at least 2, --batch at least 1")
+    check_lora_settings(args.r, None, args.dropout, cli=True)  # the same words as qlora finetune
     if args.world_size < 1:
         raise UserError(f"--world-size {args.world_size}: must be at least 1")
     default_modes = LORA_MODES if args.fsdp else MODES

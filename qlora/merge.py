@@ -53,6 +53,6 @@ def merge_and_unload(model: nn.Module, dtype: torch.dtype | None = None, nf4: bo
     for p in model.parameters():
         p.requires_grad_(False)
     # prepare_model's overrides and the flag that makes transformers save adapters: a plain model again.
-    for attribute in ("save_pretrained", "merge_and_unload", "_hf_peft_config_loaded"):
+    for attribute in ("save_pretrained", "merge_and_unload", "disable_adapter", "_hf_peft_config_loaded"):
         model.__dict__.pop(attribute, None)
     return model

@@ -13,10 +13,12 @@ import torch
 from torch import nn
 
 from qlora.bnb_bridge import convert_bnb_layers
+from qlora.full_precision_lora import disable_adapter
 from qlora.hf_load import load_quantized
 from qlora.layer import QuantLoRALinear
 from qlora.lora_embedding import LoRAEmbedding
 from qlora.lora_linear import LoRALinear
+from qlora.lora_options import check_lora_settings
 from qlora.merge import merge_and_unload
 from qlora.nf4 import SUPPORTED_DTYPES, quantize_nf4
 from qlora.peft_format import load_adapter, save_adapter, save_pretrained_adapter
@@ -169,14 +171,16 @@ def prepare_model(
     (by load_quantized, or bitsandbytes Linear4bit layers of a model transformers loaded in 4 bit)
     just get adapters; named embeddings get a LoRAEmbedding, and a named module of `skip` (lm_head)
     a LoRALinear over its full-precision weight. Modifies and returns the model, whose
-    save_pretrained then writes the PEFT adapter and whose merge_and_unload() folds the adapters in,
-    as a PeftModel's do.
+    save_pretrained then writes the PEFT adapter, whose merge_and_unload() folds the adapters in and
+    whose disable_adapter() block runs the base alone, as a PeftModel's do.
 
     adapter_dtype: float32 is PEFT's default; bfloat16 (the QLoRA paper's script) halves the
     adapters, their gradients and what the optimizer reads.
-    bias, modules_to_save: as in peft.LoraConfig ("none", "all" or "lora_only"; module names)."""
+    bias, modules_to_save: as in peft.LoraConfig ("none", "all" or "lora_only"; module names).
+    r, alpha, dropout: see qlora.lora_options (r=0 quantises the targets without adapters)."""
     if compute_dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"compute_dtype {compute_dtype} is not supported; use float32, bfloat16 or float16")
+    check_lora_settings(r, alpha, dropout)
     if use_dora:
         raise ValueError("use_dora=True: DoRA is not supported by qlora; use plain LoRA (use_dora=False)")
     if bias not in BIAS_OPTIONS:
@@ -193,6 +197,7 @@ def prepare_model(
     _make_inputs_require_grad(model)
     model.save_pretrained = types.MethodType(save_pretrained_adapter, model)
     model.merge_and_unload = types.MethodType(merge_and_unload, model)
+    model.disable_adapter = types.MethodType(disable_adapter, model)
     if getattr(model, "hf_quantizer", None) is not None:
         # transformers' Trainer refuses a 4-bit model without PEFT adapters; this one has qlora's.
         model._hf_peft_config_loaded = True

@@ -8,6 +8,7 @@ load_adapter reads what PEFT writes.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from pathlib import Path
@@ -209,6 +210,31 @@ def _check_layer(weights_file: Path, name: str, layer, parts: dict) -> None:
         want = current or "r"
         raise ValueError(f"{weights_file}: adapter for {name} has {na} {list(a.shape)} and {nb} {list(b.shape)}, "
                          f"but the layer needs {na} [{want}, {n_in}] and {nb} [{n_out}, {want}]")
+    if "bias" in parts:
+        bias = getattr(layer, "bias", None)
+        if not isinstance(bias, nn.Parameter):
+            raise ValueError(f"{weights_file}: tensor {name}.base_layer.bias, but the model's {name} has no bias")
+        _check_tensor(weights_file, f"{name}.base_layer.bias", parts["bias"], bias.shape)
+    if "base" in parts and isinstance(layer, (nn.Embedding, LoRAEmbedding)):
+        _check_tensor(weights_file, f"{name}.base_layer.weight", parts["base"], (n_in, n_out))
+
+
+def _check_tensor(weights_file: Path, key: str, tensor: torch.Tensor, shape) -> None:
+    """A trained bias or modules_to_save tensor: float, finite and of the model's shape."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{weights_file}: tensor {key} has shape {list(tensor.shape)}, the model's is "
+                         f"{list(shape)}")
+    if not tensor.is_floating_point() or not tensor.isfinite().all():
+        raise ValueError(f"{weights_file}: tensor {key} of shape {list(tensor.shape)} holds NaN/Inf or non-float "
+                         f"values ({tensor.dtype}); refusing to load it")
+
+
+def _number(config_file: Path, key: str, value, low: float = -math.inf, below: float = math.inf) -> float:
+    """A number of adapter_config.json, finite and in [low, below)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < below:
+        raise ValueError(f"{config_file}: {key} is {value!r}; expected a finite number"
+                         + (f" in [{low:g}, {below:g})" if math.isfinite(low) else ""))
+    return value
 
 
 @torch.no_grad()
@@ -234,22 +260,29 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
     not_in_file = sorted(set(adapted_layers(model)) - set(saved))
     if not_in_file:
         raise ValueError(f"{weights_file}: no adapter for the model's layers {not_in_file[:4]}")
-    for name, parts in saved.items():  # check every layer before changing any
+    # Everything is checked before anything changes: on any error the model is as it was.
+    for name, parts in saved.items():
         _check_layer(weights_file, name, layers[name], parts)
+    parameters = dict(model.named_parameters())
+    for name, tensor in plain.items():
+        _check_tensor(weights_file, name, tensor, parameters[name].shape)
+    dropout = _number(config_file, "lora_dropout", config.get("lora_dropout") or 0.0, 0.0, 1.0)
+    alphas = {name: _number(config_file, "lora_alpha", _pattern_value(config.get("alpha_pattern"), name,
+                                                                      config.get("lora_alpha", parts["A"].shape[0])))
+              for name, parts in saved.items()}
 
     use_rslora = bool(config.get("use_rslora", False))
     for name, parts in saved.items():
         a, b, layer = parts["A"], parts["B"], layers[name]
-        r = a.shape[0]
-        alpha = _pattern_value(config.get("alpha_pattern"), name, config.get("lora_alpha", r))
+        r, alpha = a.shape[0], alphas[name]
         if isinstance(layer, nn.Embedding):
             layer = LoRAEmbedding(layer, r, alpha, use_rslora)
             set_submodule(model, name, layer)
         elif isinstance(layer, nn.Linear):  # a full-precision linear PEFT adapted (lm_head)
-            layer = LoRALinear(layer, r, alpha, float(config.get("lora_dropout", 0.0)), use_rslora)
+            layer = LoRALinear(layer, r, alpha, dropout, use_rslora)
             set_submodule(model, name, layer)
         elif isinstance(layer, QuantLoRALinear) and layer.r == 0:
-            layer.add_adapter(r, alpha, float(config.get("lora_dropout", 0.0)), use_rslora)
+            layer.add_adapter(r, alpha, dropout, use_rslora)
         layer.alpha, layer.use_rslora = alpha, use_rslora
         layer.scaling = lora_scale(r, alpha, use_rslora)
         weight_a, weight_b = _factors(layer)
@@ -259,10 +292,6 @@ def load_adapter(model: nn.Module, directory: str | Path) -> list[str]:
             layer.bias.copy_(parts["bias"])
         if "base" in parts and isinstance(layer, LoRAEmbedding):
             layer.base_layer.weight.copy_(parts["base"])
-    parameters = dict(model.named_parameters())
     for name, tensor in plain.items():
-        if tuple(tensor.shape) != tuple(parameters[name].shape):
-            raise ValueError(f"{weights_file}: {name} has shape {list(tensor.shape)}, the model's is "
-                             f"{list(parameters[name].shape)}")
         parameters[name].copy_(tensor)
     return sorted(saved)

@@ -6,7 +6,8 @@ The rename refuses an existing output unless asked to replace it (atomically: no
 the check and the rename); a replaced output is deleted only once the new one is in place.
 SIGTERM and SIGHUP unwind like Ctrl-C, so the partial folder is removed; one left by a process
 that died anyway (SIGKILL, power loss) is removed by the next run, never one that a live process
-is still writing.
+is still writing. Older versions named the folder without its writer (`.DST.xxxxxxxx.partial`): such a
+folder is removed once nothing in it changed for a day, if this user owns all of it.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from qlora.errors import UserError
@@ -34,6 +36,10 @@ PARTIAL_SUFFIX = ".partial"
 # The host: on a shared file system, a pid says nothing about another machine's processes.
 _PARTIAL_NAME = re.compile(r"(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-(?P<start>\d+)-[A-Za-z0-9_]+" + re.escape(PARTIAL_SUFFIX))
 HOST_TAG = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+# The naming before the writer was recorded: mkdtemp's 8 random characters alone. Such a folder is
+# removed only when this user owns it and everything in it, and nothing in it changed for a day.
+_OLD_PARTIAL_NAME = re.compile(r"[a-z0-9_]{8}" + re.escape(PARTIAL_SUFFIX))
+OLD_PARTIAL_STALE_SECONDS = 24 * 3600
 _RENAME_NOREPLACE = 1  # linux/fs.h
 _RENAME_EXCL = 0x4  # macOS sys/stdio.h
 _partials_of_call: contextvars.ContextVar[list[Path] | None] = contextvars.ContextVar("qlora_partials", default=None)
@@ -92,23 +98,51 @@ def make_partial_dir(dst: Path) -> Path:
     return path
 
 
+def _raise(error: OSError):
+    raise error
+
+
+def _old_partial_abandoned(folder: Path) -> bool:
+    """An old-style partial folder names no writer: it is taken for an abandoned one of ours only if this
+    user owns it and all it holds (never following links), and nothing in it changed for a day."""
+    if os.name == "nt":  # no owner to compare: never guess, keep it
+        return False
+    newest = 0.0
+    try:
+        for root, dirs, files in os.walk(folder, onerror=_raise):
+            for path in [root, *(os.path.join(root, name) for name in dirs + files)]:
+                info = os.lstat(path)
+                if info.st_uid != os.getuid():
+                    return False
+                newest = max(newest, info.st_mtime, info.st_ctime)
+    except OSError:  # unreadable or changing under us: keep it
+        return False
+    return time.time() - newest > OLD_PARTIAL_STALE_SECONDS
+
+
 def remove_stale_partials(dst: Path) -> list[Path]:
-    """Remove the partial folders of dst whose writer (on this host) is no longer running, saying so
-    on stderr."""
+    """Remove the partial folders of dst whose writer (on this host) is no longer running, and old-style
+    ones (no writer recorded) abandoned for a day, saying so on stderr."""
     parent, prefix = dst.parent, f".{dst.name}."
     if not parent.is_dir():
         return []
     removed = []
     for entry in sorted(parent.iterdir()):
-        match = _PARTIAL_NAME.fullmatch(entry.name[len(prefix):]) if entry.name.startswith(prefix) else None
-        if match is None or match["host"] != HOST_TAG or entry.is_symlink() or not entry.is_dir():
+        if not entry.name.startswith(prefix) or entry.is_symlink() or not entry.is_dir():
             continue
-        pid, start = int(match["pid"]), int(match["start"])
-        if _is_running(pid, start):
+        rest = entry.name[len(prefix):]
+        match = _PARTIAL_NAME.fullmatch(rest)
+        if match is not None:
+            pid, start = int(match["pid"]), int(match["start"])
+            if match["host"] != HOST_TAG or _is_running(pid, start):
+                continue
+            why = f"left by process {pid}, which is no longer running"
+        elif _OLD_PARTIAL_NAME.fullmatch(rest) and _old_partial_abandoned(entry):
+            why = f"of an earlier qlora, untouched for over {OLD_PARTIAL_STALE_SECONDS // 3600} hours"
+        else:
             continue
         shutil.rmtree(entry, ignore_errors=True)
-        print(f"qlora: removed {entry}, a partial output left by process {pid}, which is no longer running",
-              file=sys.stderr)
+        print(f"qlora: removed {entry}, a partial output {why}", file=sys.stderr)
         removed.append(entry)
     return removed
 

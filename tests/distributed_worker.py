@@ -14,7 +14,7 @@ from qlora.cli import main
 from qlora.distributed import Distributed
 from qlora.finetune import finetune, load_model
 from qlora.fsdp import full_nf4_weight, nf4_bytes, shard_model
-from qlora.model import prepare_model, quantised_layers
+from qlora.model import prepare_model, quantised_layers, save_adapter
 
 
 def run_finetune(job: dict, out: Path, **kwargs) -> list[float]:
@@ -24,10 +24,24 @@ def run_finetune(job: dict, out: Path, **kwargs) -> list[float]:
     return losses
 
 
-def build(job: dict, work: Path):
+def build(job: dict, work: Path, targets="all-linear"):
     net = load_model(Path(job["model"]), torch.device("cpu"), torch.bfloat16, work)
     torch.manual_seed(0)
-    return prepare_model(net, r=job["settings"]["r"], dropout=0.0, verbose=False)
+    return prepare_model(net, target_modules=targets, r=job["settings"]["r"], dropout=0.0, verbose=False)
+
+
+def save_whole_adapters(job: dict, work: Path, rank: int, world: int) -> None:
+    """LoRA on the embedding and on lm_head (LoRAEmbedding, LoRALinear; the vocabulary, 259 rows, splits
+    unevenly) under FSDP2: what Distributed.whole() gives save_adapter, against an unsharded model's."""
+    targets = ["q_proj", "embed_tokens", "lm_head"]
+    unsharded = build(job, work / f"unsharded{rank}", targets)
+    fsdp = Distributed(rank=rank, world_size=world, mode="fsdp")
+    sharded = fsdp.wrap(build(job, work / f"fsdp-adapters{rank}", targets))
+    optimizer = torch.optim.AdamW([p for p in sharded.parameters() if p.requires_grad])
+    with fsdp.whole(sharded, optimizer) as (model, _):  # a collective: every rank enters it
+        if rank == 0:
+            save_adapter(model, work / "embedding-adapter-fsdp")
+            save_adapter(unsharded, work / "embedding-adapter-unsharded")
 
 
 def check(work: Path) -> None:
@@ -43,6 +57,7 @@ def check(work: Path) -> None:
     assert main(["finetune", f"--model={job['model']}", f"--data={job['data']}", f"--out={work / 'resumed'}",
                  *options, "--no-progress", "--resume", "--fsdp"]) == 0
 
+    save_whole_adapters(job, work, rank, world)
     whole = build(job, work / f"whole{rank}")
     sharded = shard_model(build(job, work / f"sharded{rank}"))
     held, total = nf4_bytes(sharded)

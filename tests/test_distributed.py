@@ -88,6 +88,17 @@ def test_saved_adapter_equals_the_single_process_one(runs, run):
     assert report["batch"] == SETTINGS["batch"] and report["train_tokens"] > 0
 
 
+def test_whole_gathers_embedding_and_lm_head_adapters_too(runs):
+    work, _, _ = runs
+    expected = load_file(work / "embedding-adapter-unsharded" / "adapter_model.safetensors")
+    saved = load_file(work / "embedding-adapter-fsdp" / "adapter_model.safetensors")
+    assert saved.keys() == expected.keys() and len(saved) == 2 * (4 + 2)  # q_proj x 4 layers, embed_tokens, lm_head
+    assert "base_model.model.model.embed_tokens.lora_embedding_B" in saved
+    assert "base_model.model.lm_head.lora_A.weight" in saved
+    for key, tensor in expected.items():
+        assert torch.equal(saved[key], tensor), key
+
+
 def test_each_rank_holds_half_of_the_nf4_bytes(runs):
     _, _, ranks = runs
     whole = ranks[0]["nf4_bytes_whole"]

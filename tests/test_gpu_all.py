@@ -74,6 +74,43 @@ def test_watchdog_writes_what_it_has_and_stops(tmp_path):
     assert time.monotonic() - started < 90
 
 
+def test_only_keeps_the_earlier_results_of_the_steps_it_skips(tmp_path):
+    """A rerun of some steps into the same folder: the others keep the earlier run's rows, marked as not rerun."""
+    out = tmp_path / "out"
+    out.mkdir()
+    kernel_row = T.row("kernels", "quantise: speed-up over bitsandbytes (4096x4096)", "30.0", "240.0 (bnb)", 8.0,
+                       ">= 7")
+    e2e_row = T.row("e2e", "7B training tokens/s over bnb + PEFT", "-", "-", None, "-", "error: exit 1")
+    earlier = {"env": {"device": "NVIDIA H200", "torch": "2.13"},
+               "status": {"environment": "ok", "correctness": "not reached", "kernels": "ok",
+                          "layer": "skipped (--only)", "optimizer": "ok (earlier run, not rerun)",
+                          "e2e": "error: exit 1", "bench-memory": "running"},
+               "seconds": {"kernels": 41.5, "e2e": 3.0}, "data": {}, "stopped": None,
+               "rows": [kernel_row, e2e_row, T.row("optimizer", "AdamW step", "1 ms", "1 ms", 1.0, "<= 1.2")]}
+    (out / "summary.json").write_text(json.dumps(earlier))
+    import gpu_all
+
+    run = gpu_all.Run(out, smoke=True, budget=600)
+    gpu_all.plan(run, ["correctness"])  # what main() does before the steps of `--only correctness` run
+    run.write_summary()
+    record = json.loads((out / "summary.json").read_text())
+    assert record["status"]["correctness"] == "not reached"  # to be rerun
+    assert record["status"]["kernels"] == "ok (earlier run, not rerun)" and record["seconds"]["kernels"] == 41.5
+    assert record["status"]["e2e"] == "error: exit 1 (earlier run, not rerun)"
+    assert record["status"]["optimizer"] == "ok (earlier run, not rerun)"  # not marked twice
+    # Steps the earlier run has no result for either are said to be skipped, not measured.
+    assert record["status"]["layer"] == record["status"]["bench-memory"] == "skipped (--only)"
+    kernels = [r for r in record["rows"] if r["step"] == "kernels"]
+    assert kernels == [kernel_row]
+    assert [r for r in record["rows"] if r["step"] == "e2e"] == [e2e_row]
+    assert all(r["verdict"].startswith("not measured") for r in record["rows"] if r["step"] == "layer")
+    assert all(r["verdict"] == "not measured (not reached)" for r in record["rows"] if r["step"] == "correctness")
+    assert record["env"]["device"] == "NVIDIA H200"  # the machine the kept rows were measured on
+    summary = (out / "summary.md").read_text()
+    assert "Not rerun (--only): environment, kernels, optimizer, e2e" in summary
+    assert "| kernels | ok (earlier run, not rerun) | 41.5 |" in summary
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_a_signal_stops_the_run_the_same_way(tmp_path, signum):
     proc = start(tmp_path / "out")

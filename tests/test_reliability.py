@@ -279,13 +279,13 @@ def test_a_tokenizer_with_auto_map_never_runs_its_code(tmp_path, monkeypatch, ca
 # ---- 6 and 7. one line for every bad input ---------------------------------------------------------
 
 @pytest.mark.parametrize("argv, message", [
-    (["--dropout", "2"], "--dropout must be in [0, 1)"),
-    (["--dropout", "-0.1"], "--dropout must be in [0, 1)"),
+    (["--dropout", "2"], "--dropout 2.0: must be at least 0 and below 1"),
+    (["--dropout", "-0.1"], "--dropout -0.1: must be at least 0 and below 1"),
     (["--max-grad-norm", "-1"], "--max-grad-norm must not be negative"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
     (["--weight-decay", "-0.1"], "--weight-decay must not be negative"),
-    (["--alpha", "nan"], "--alpha must be a finite number"),
-    (["--alpha", "inf"], "--alpha must be a finite number"),
+    (["--alpha", "nan"], "--alpha nan: must be a finite number above 0"),
+    (["--alpha", "inf"], "--alpha inf: must be a finite number above 0"),
     (["--device", "bogus"], "--device 'bogus'"),
     (["--device", "mps"], "only cpu and cuda"),
 ])
