@@ -136,9 +136,11 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     nothing (there is one, fused, implementation); capturable=True and differentiable=True
     are refused (see qlora/optim_options.py). The rest are ours.
 
-    gpu_budget: bytes of GPU memory the states may hold, or "auto" (keep everything resident
-    while torch.cuda.mem_get_info shows headroom above a reserve; evict least-recently-used
-    pages when it does not). page_size: bytes per page, both moments together (a multiple
+    gpu_budget: bytes of GPU memory the states may hold, or "auto": what the device can hold beside
+    the last step's peak (forward and backward) and a reserve of max(2 pages, 5 %), evicting
+    least-recently-used pages when that shrinks (qlora/paged_budget.py). "auto" reads the peak
+    from torch.cuda.max_memory_allocated and resets it with reset_peak_memory_stats at every step,
+    so read your own peaks before step(); an integer budget leaves the statistics alone. page_size: bytes per page, both moments together (a multiple
     of 16 KiB; amsgrad in any group adds a third row, max_exp_avg_sq, to every page).
     max_grad_norm: clip the gradients' total L2 norm to this, computed on the
     device (the gradients themselves are left untouched).
@@ -250,6 +252,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     def page_in(self) -> None:
         """Bring states back to the GPU, as far as the budget allows (step() does it too)."""
         for store in self._stores.values():
+            store.observe_peak()
             store.fit()
 
     # ---- the step -----------------------------------------------------------------------------
@@ -273,6 +276,8 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 work.append((p, g if g.is_contiguous() else g.contiguous(), gi))
         if not work:
             return loss
+        for store in self._stores.values():  # "auto": the forward and backward just done set the budget
+            store.observe_peak()
         for p, _, _ in work:
             if "step" not in self.state[p]:
                 self._init_state(p)

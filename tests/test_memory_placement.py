@@ -47,26 +47,30 @@ def test_65b_fits_44gb_only_with_the_states_paged_out():
     assert paged["fits"] and 41.5e9 < paged["predicted_total_bytes"] < 41.8e9  # the "about 41.7 GB"
 
 
-def test_auto_budget_follows_free_memory_at_the_step():
+def test_auto_budget_leaves_room_for_the_last_steps_peak():
     config = preset_config("llama-65b")
-    resident = place(config, "qlora", HEADLINE, Placement(gpu_memory=44 * 10**9))["predicted"]
-    # At the optimizer step the activations are freed; the rest is allocated. auto keeps a reserve of
-    # max(2 pages, 5 % of the device) = 2.2 GB free and fills the remainder with pages.
-    held = sum(resident[c] for c in ("weights", "quant_constants", "adapters", "gradients", "workspace"))
-    capacity = (44 * 10**9 - held - 2_200_000_000) // PAGE
+    resident = place(config, "qlora", HEADLINE, Placement(gpu_memory=44 * 10**9))
+    # "auto" keeps a reserve of max(2 pages, 5 % of the device) = 2.2 GB free beside the step's peak without
+    # the states (everything but them: weights, activations, ...), and fills the rest with pages.
+    beside = resident["predicted_total_bytes"] - resident["predicted"]["optimizer_states"]
+    capacity = (44 * 10**9 - beside - 2_200_000_000) // PAGE
+    assert 3 < capacity < 382
     auto = place(config, "qlora-paged", HEADLINE, Placement(gpu_budget="auto", gpu_memory=44 * 10**9))
     assert auto["state_pages"] == (capacity, 382 - (capacity - 3))  # 3 of the device pages are slots
-    # auto does not see the next step's activations: on 44 GB the peak overflows...
-    assert not auto["fits"]
-    # ...and the largest budget that fits is what is left beside everything else.
-    rest = auto["predicted_total_bytes"] - auto["predicted"]["optimizer_states"]
-    assert auto["largest_budget"] == (44 * 10**9 - rest) // PAGE * PAGE
+    # So the next step fits 44 GB, with the reserve to spare (freeing only what was free at the step did not).
+    assert auto["predicted_total_bytes"] == beside + capacity * PAGE <= 44 * 10**9 - 2_200_000_000
+    assert auto["fits"]
+    # The largest budget that fits is what is left beside everything else.
+    assert auto["largest_budget"] == (44 * 10**9 - beside) // PAGE * PAGE
     best = place(config, "qlora-paged", HEADLINE, Placement(gpu_budget=auto["largest_budget"], gpu_memory=44 * 10**9))
     over = place(config, "qlora-paged", HEADLINE, Placement(gpu_budget=auto["largest_budget"] + PAGE, gpu_memory=44 * 10**9))
     assert best["fits"] and not over["fits"]
+    # Where not even the two streaming slots fit beside the rest, nothing does.
+    tight = place(config, "qlora-paged", HEADLINE, Placement(gpu_budget="auto", gpu_memory=beside + PAGE))
+    assert tight["state_pages"] == (2, 382) and not tight["fits"] and tight["largest_budget"] is None
     # On an 80 GiB device everything stays resident: qlora-paged predicts what qlora does.
     roomy = place(config, "qlora-paged", HEADLINE, Placement(gpu_budget="auto", gpu_memory=80 * 2**30))
-    assert roomy["state_pages"] == (382, 0) and roomy["predicted"] == resident
+    assert roomy["state_pages"] == (382, 0) and roomy["predicted"] == resident["predicted"]
     # No paging on the CPU.
     cpu = place(config, "qlora-paged", Shape(device="cpu"), Placement(gpu_budget=2 * PAGE))
     assert cpu["host_bytes"] == 0 and cpu["predicted"]["optimizer_states"] == 382 * PAGE
