@@ -21,21 +21,17 @@ from itertools import chain
 
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed: no parameter is sharded
-    DTensor = ()
-
 from qlora.kernels import backend
 from qlora.kernels.adamw import (
     CHUNK,
     adamw_chunks_,
     adamw_scalars,
     adamw_update_reference,
-    grad_clip_factor,
     make_chunks,
     tensor_rows,
 )
+from qlora.optim_clip import clip_factor
+from qlora.optim_clip import local as _local  # FSDP2's parameters and gradients: the optimizer pages each rank's shard
 from qlora.optim_options import (
     adamw_defaults,
     adopt_implementation_flags,
@@ -47,29 +43,6 @@ from qlora.paged_states import DEFAULT_PAGE_SIZE, STATE_BYTES_PER_ELEMENT, Paged
 
 AMSGRAD_ROWS = 3               # rows of a page once amsgrad needs max_exp_avg_sq
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2's sharded parameters and gradients), else t itself:
-    the optimizer pages and updates each rank's shard only."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _shard_group(p: torch.Tensor):
-    """The process group a sharded parameter is split over (None for a whole tensor)."""
-    return p.device_mesh.get_group() if isinstance(p, DTensor) else None
-
-
-def _clip_factor(grads: list[torch.Tensor], max_norm: float, group) -> torch.Tensor:
-    """grad_clip_factor over the whole gradients: with shards, the ranks' sums of squares are all-reduced."""
-    if group is None:
-        return grad_clip_factor(grads, max_norm)
-    device = grads[0].device
-    square = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        square += torch.linalg.vector_norm(g, 2.0, dtype=torch.float32).to(device).square()
-    torch.distributed.all_reduce(square, group=group)
-    return torch.clamp(max_norm / (square.sqrt() + 1e-6), max=1.0).reshape(1)
 
 
 class _Plan:
@@ -302,7 +275,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, plan.steps.to(torch.float64), maximize, amsgrad)
         clip = None
         if self.max_grad_norm is not None:
-            clip = _clip_factor([g for _, g, _ in work], self.max_grad_norm, _shard_group(work[0][0]))
+            clip = clip_factor([p.grad for p, _, _ in work], self.max_grad_norm, lambda i: self._name(work[i]))
 
         for device, entry in plan.by_store.items():
             store = entry["store"]
@@ -322,6 +295,11 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 for index, _ in entry["items"]:
                     torch.autograd.graph.increment_version(_local(work[index][0]))
         return loss
+
+    def _name(self, item) -> str:
+        p, _, gi = item
+        index = next(i for i, q in enumerate(self.param_groups[gi]["params"]) if q is p)
+        return f"parameter {index} of param group {gi}"
 
     @staticmethod
     def _reference_update(store, entry, work, rows, clip):
