@@ -110,10 +110,9 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     are refused (see qlora/optim_options.py). The rest are ours.
 
     gpu_budget: bytes of GPU memory the states may hold, or "auto": what the device can hold beside
-    the last step's peak (forward and backward) and a reserve of max(2 pages, 5 %), evicting
-    least-recently-used pages when that shrinks (qlora/paged_budget.py). "auto" reads the peak
-    from torch.cuda.max_memory_allocated and resets it with reset_peak_memory_stats at every step,
-    so read your own peaks before step(); an integer budget leaves the statistics alone. page_size: bytes per page, both moments together (a multiple
+    the peak of a step (forward and backward, torch.cuda.max_memory_allocated, which it reads and
+    never resets) and a reserve of max(2 pages, 5 %), evicting least-recently-used pages when that
+    shrinks (qlora/paged_budget.py). page_size: bytes per page, both moments together (a multiple
     of 16 KiB; amsgrad in any group adds a third row, max_exp_avg_sq, to every page).
     max_grad_norm: clip the gradients' total L2 norm to this, computed on the
     device (the gradients themselves are left untouched).

@@ -1,18 +1,21 @@
 """The "auto" budget of paged optimizer states: how many state bytes may stay on the device.
 
 The optimizer step runs after backward, when the step's activations are freed, so the free memory
-it sees then is not what the next forward and backward will have. The rule keeps room for the last
-step's peak instead: the states may hold
+it sees then is not what the next forward and backward will have. The rule keeps room for the peak
+instead: the states may hold
 
-    total - reserve - (the last step's peak, less the states held then)
+    total - reserve - (the peak, less the states held then)
 
 where total is what the allocator can reach, and the reserve (max(2 pages, 5 % of the device)) absorbs
 fragmentation and step-to-step variation. The same function drives PagedStates on a GPU and the
 paging model of `qlora bench-memory` (qlora.memory_placement), so the prediction follows the code.
 
-On CUDA the peak is torch.cuda.max_memory_allocated, read once per step and then reset with
-torch.cuda.reset_peak_memory_stats: under "auto" a reading of the peak statistics covers the time
-since the last optimizer step only (a fixed integer gpu_budget leaves them alone).
+On CUDA the peak is torch.cuda.max_memory_allocated, read once per step and never reset (other code
+reads it: a training report, bench-memory --measure). It is the highest since the process started or
+since whoever last called torch.cuda.reset_peak_memory_stats, so the states are sized for the largest
+step seen (long and short sequences alike), not the last one; PagedStates.observe_peak keeps the
+states held when that peak was set. A step that peaks higher raises it; resetting the statistics
+(after loading a model that peaked higher than training does, say) lets the states grow back.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ AUTO_RESERVE_FRACTION = 0.05  # "auto" keeps this much of the device (at least t
 
 class DeviceMemory(NamedTuple):
     usable: int     # bytes the allocator can reach: free to the driver plus cached by torch
-    peak: int       # most bytes allocated since the peak was last reset
+    peak: int       # most bytes allocated since the peak statistic was last reset (or ever)
     allocated: int  # bytes allocated now
 
 
@@ -59,6 +62,3 @@ class CudaMemory:
         return DeviceMemory(free + torch.cuda.memory_reserved(self.device),
                             torch.cuda.max_memory_allocated(self.device),
                             torch.cuda.memory_allocated(self.device))
-
-    def reset_peak(self) -> None:
-        torch.cuda.reset_peak_memory_stats(self.device)

@@ -69,9 +69,10 @@ class PagedStates:
             total = torch.cuda.get_device_properties(self.device).total_memory if self.cuda else 0
             reserve = auto_reserve(total, self.page_bytes)
         self.reserve = reserve
-        # "auto": (the peak allocated between the last two observe_peak() calls, the state bytes on the
-        # device then): one optimizer step to the next, so the peak of a forward and backward.
+        # "auto": (the allocator's peak, the state bytes on the device when it was reached), and the peak
+        # statistic as last read.
         self.last_peak: tuple[int, int] | None = None
+        self._peak_read: int | None = None
         self.pages: list[Page] = []
         self.numel = 0  # flat elements handed out
         self.clock = 0
@@ -116,16 +117,18 @@ class PagedStates:
         return self.budget // self.page_bytes
 
     def observe_peak(self) -> None:
-        """Under "auto": take the peak allocated since the last call (the optimizer calls it once per step,
-        so: the last forward and backward) as what the next step needs, and start a new interval."""
+        """Under "auto": read the allocator's peak (the optimizer does once per step, after backward).
+
+        The statistic is never reset here. One that changed since the last reading (higher: reached since
+        then; lower: someone reset it since then) was reached with the states the device holds now, which
+        have not moved since the last step (page_out() may have emptied them: that only overestimates what
+        else the peak held). An unchanged one leaves the record, with the states held when it was set."""
         if self.budget != "auto" or self.memory is None:
             return
-        # The states have not moved since the last step (or page_out() emptied them after a peak that held
-        # them, which only overestimates what else the peak held: fewer pages stay, until the next step).
-        self.last_peak = (self.memory().peak, self.device_bytes)
-        reset_peak = getattr(self.memory, "reset_peak", None)
-        if reset_peak is not None:
-            reset_peak()
+        peak = self.memory().peak
+        if self.last_peak is None or peak != self._peak_read:
+            self.last_peak = (peak, self.device_bytes)
+        self._peak_read = peak
 
     def _resident_limit(self, n_pages: int, capacity: int) -> int:
         if n_pages <= capacity:
