@@ -17,7 +17,7 @@ Several ranks (each with its own batch of `shape.batch` sequences, so activation
 Paging (qlora-paged on a GPU) follows PagedStates in qlora/optim.py, in pages of PAGE_BYTES: with a capacity
 of C pages, a state space of n pages stays resident when n <= C; otherwise C - s pages stay resident and s
 streaming slots (3 when C > 3, else 2) are on the device too, the other pages in pinned host memory. An
-integer budget gives C = budget // PAGE_BYTES. "auto" (the optimizer's default) leaves room for the last
+integer budget gives C = budget // PAGE_BYTES. "auto" (the optimizer's default) leaves room for the
 step's peak, by the optimizer's own rule (qlora.paged_budget.auto_state_bytes): C = (gpu_memory - the peak
 besides the states - reserve) // PAGE_BYTES, reserve = max(2 pages, 5 % of gpu_memory), the peak being at
 least what is allocated at the step (weights, constants, adapters, gradients, workspace). So the step

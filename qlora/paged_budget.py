@@ -36,7 +36,7 @@ def auto_state_bytes(total: int, last_peak: int, allocated: int, state_bytes: in
                      peak_state_bytes: int | None = None) -> int:
     """Device bytes the states may hold so that the next forward and backward fit in total.
 
-    last_peak: the most allocated during the last step (states included: peak_state_bytes of them,
+    last_peak: the most allocated during a step (states included: peak_state_bytes of them,
     by default state_bytes); allocated: allocated now, state_bytes of it held by the states. What is
     not states at the peak (or now, if more) comes back next step; the states get the rest, less the reserve.
     """
@@ -51,14 +51,8 @@ def auto_reserve(total: int, page_bytes: int) -> int:
     return max(2 * page_bytes, int(AUTO_RESERVE_FRACTION * total))
 
 
-class CudaMemory:
-    """DeviceMemory of one CUDA device, from the driver and torch's allocator statistics."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __call__(self) -> DeviceMemory:
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return DeviceMemory(free + torch.cuda.memory_reserved(self.device),
-                            torch.cuda.max_memory_allocated(self.device),
-                            torch.cuda.memory_allocated(self.device))
+def cuda_memory(device: torch.device) -> DeviceMemory:
+    """DeviceMemory of one CUDA device, from the driver and torch's allocator statistics (read only)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return DeviceMemory(free + torch.cuda.memory_reserved(device), torch.cuda.max_memory_allocated(device),
+                        torch.cuda.memory_allocated(device))

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from qlora.kernels.adamw import CHUNK, PAGE_COLUMNS
-from qlora.paged_budget import CudaMemory, DeviceMemory, auto_reserve, auto_state_bytes
+from qlora.paged_budget import DeviceMemory, auto_reserve, auto_state_bytes, cuda_memory
 
 DEFAULT_PAGE_SIZE = 16 << 20  # bytes of state per page (both moments): 2M parameters
 STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each (page_size counts these two)
@@ -41,7 +41,7 @@ class PagedStates:
     """The page table of one device: where each page lives, and the moves between the two sides.
 
     budget: bytes of device memory the pages (and the streaming slots) may hold; "auto" to leave
-    room for the last step's peak (qlora.paged_budget; memory() reads the device, CudaMemory on a
+    room for the peak of a step (qlora.paged_budget; memory() reads the device, cuda_memory on a
     GPU); None for no limit.
     """
 
@@ -63,7 +63,7 @@ class PagedStates:
         self.budget = budget
         self.cuda = self.device.type == "cuda"
         if budget == "auto" and memory is None and self.cuda:
-            memory = CudaMemory(self.device)
+            memory = lambda: cuda_memory(self.device)  # noqa: E731
         self.memory = memory
         if reserve is None:
             total = torch.cuda.get_device_properties(self.device).total_memory if self.cuda else 0
