@@ -106,7 +106,7 @@ def paged_pages(n_pages: int, capacity: int) -> tuple[int, int]:
 
 
 def capacity_pages(gpu_budget: int | str, gpu_memory: int, peak_bytes: int, held_bytes: int) -> int:
-    """Pages the optimizer states may hold: the budget's, or under "auto" what the last step's peak
+    """Pages the optimizer states may hold: the budget's, or under "auto" what a step's peak
     (peak_bytes besides the states) leaves; held_bytes are allocated at the step besides the states."""
     if gpu_budget != "auto":
         return gpu_budget // PAGE_BYTES
