@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.kernels.adamw import CHUNK
-from qlora.kernels.large_m import prefer_fused
+from qlora.kernels import large_m
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 from qlora.paged_states import DEFAULT_PAGE_SIZE
 
@@ -186,8 +186,9 @@ def dequant_scratch_bytes(config, shape: Shape) -> int:
     in_features is not a multiple of the block) dequantises its bf16 W [N, K] into it; the buffer is kept,
     grown to the largest 2 N K seen (to within the dequantise kernel's last tile)."""
     M = shape.batch * shape.seq
+    fused = large_m.prefer_fused
     unfused = [o * i for _, i, o in linear_shapes(config)
-               if i % BLOCKSIZE or not prefer_fused(M, o, i, "forward") or not prefer_fused(M, o, i, "grad_input")]
+               if i % BLOCKSIZE or not fused(M, o, i, "forward") or not fused(M, o, i, "grad_input")]
     return 2 * max(unfused, default=0)
 
 
