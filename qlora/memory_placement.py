@@ -17,11 +17,12 @@ Several ranks (each with its own batch of `shape.batch` sequences, so activation
 Paging (qlora-paged on a GPU) follows PagedStates in qlora/optim.py, in pages of PAGE_BYTES: with a capacity
 of C pages, a state space of n pages stays resident when n <= C; otherwise C - s pages stay resident and s
 streaming slots (3 when C > 3, else 2) are on the device too, the other pages in pinned host memory. An
-integer budget gives C = budget // PAGE_BYTES. "auto" (the optimizer's default) follows the device's free
-memory at step time, when the activations are freed but weights, constants, adapters, gradients and the
-workspace are allocated: C = (gpu_memory - those - reserve) // PAGE_BYTES, reserve = max(2 pages, 5 % of
-gpu_memory). It does not see the next forward's activations, so the peak can exceed the device:
-`fits` says whether it does, and `largest_budget` the largest budget with which the step fits.
+integer budget gives C = budget // PAGE_BYTES. "auto" (the optimizer's default) leaves room for the
+step's peak, by the optimizer's own rule (qlora.paged_budget.auto_state_bytes): C = (gpu_memory - the peak
+besides the states - reserve) // PAGE_BYTES, reserve = max(2 pages, 5 % of gpu_memory), the peak being at
+least what is allocated at the step (weights, constants, adapters, gradients, workspace). So the step
+fits unless even the two streaming slots do not: `fits` says whether it does, and `largest_budget` the
+largest budget with which the step fits.
 """
 from __future__ import annotations
 
@@ -36,10 +37,11 @@ from qlora.memory_predict import (
     predict,
     trainable_shapes,
 )
-from qlora.paged_states import AUTO_RESERVE_FRACTION, STREAM_SLOTS
+from qlora.paged_budget import auto_reserve, auto_state_bytes
+from qlora.paged_states import STREAM_SLOTS
 
 DEFAULT_GPU_MEMORY = 80 * 2**30  # an 80 GB H100, where there is no GPU to ask
-# Allocated when PagedAdamW32bit's "auto" reads the free memory (optimizer step: activations freed).
+# Allocated at the optimizer step (activations freed), when PagedAdamW32bit's "auto" decides.
 HELD_AT_STEP = ("weights", "quant_constants", "adapters", "gradients", "workspace")
 
 
@@ -103,12 +105,13 @@ def paged_pages(n_pages: int, capacity: int) -> tuple[int, int]:
     return resident + slots, n_pages - resident
 
 
-def capacity_pages(gpu_budget: int | str, gpu_memory: int, held_bytes: int) -> int:
-    """Pages the optimizer states may hold: the budget's, or under "auto" what is free at the step."""
+def capacity_pages(gpu_budget: int | str, gpu_memory: int, peak_bytes: int, held_bytes: int) -> int:
+    """Pages the optimizer states may hold: the budget's, or under "auto" what a step's peak
+    (peak_bytes besides the states) leaves; held_bytes are allocated at the step besides the states."""
     if gpu_budget != "auto":
         return gpu_budget // PAGE_BYTES
-    reserve = max(2 * PAGE_BYTES, int(AUTO_RESERVE_FRACTION * gpu_memory))
-    return max((gpu_memory - held_bytes - reserve) // PAGE_BYTES, 0)
+    room = auto_state_bytes(gpu_memory, peak_bytes, held_bytes, 0, auto_reserve(gpu_memory, PAGE_BYTES))
+    return room // PAGE_BYTES
 
 
 def place(config, mode: str, shape: Shape, placement: Placement = Placement()) -> dict:
@@ -123,7 +126,8 @@ def place(config, mode: str, shape: Shape, placement: Placement = Placement()) -
     state_pages, largest_budget = (n_pages, 0), None
     if mode == "qlora-paged" and shape.device == "cuda":
         held = sum(device[c] for c in HELD_AT_STEP)
-        state_pages = paged_pages(n_pages, capacity_pages(placement.gpu_budget, placement.gpu_memory, held))
+        peak = sum(device.values()) - device["optimizer_states"]
+        state_pages = paged_pages(n_pages, capacity_pages(placement.gpu_budget, placement.gpu_memory, peak, held))
         device["optimizer_states"] = state_pages[0] * PAGE_BYTES
         room = placement.gpu_memory - (sum(device.values()) - device["optimizer_states"])
         # Below two pages the optimizer cannot stream; above all pages a larger budget changes nothing.

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from qlora.kernels.adamw import CHUNK
+from qlora.kernels import large_m
 from qlora.kernels.quantize import NESTED_BLOCKSIZE
 from qlora.paged_states import DEFAULT_PAGE_SIZE
 
@@ -129,7 +130,8 @@ def predict(config, mode: str, shape: Shape = Shape()) -> dict[str, int]:
                         layer:      saved + one recomputed layer (with checkpointing) + (8D + 2I) T gradients
                                     in flight (+ 2 max(n), a fresh weight gradient, in bf16-full)
                       plus the rotary tables, 4 seq head_dim
-    workspace         on CUDA the cuBLAS workspace (32 MiB); the NF4 matmuls are fused (no dequantised copy of W).
+    workspace         on CUDA the cuBLAS workspace (32 MiB), and in the NF4 modes the large-M path's scratch
+                      buffer (dequant_scratch_bytes): 2 max(N K) over the linears that dequantise W into it.
                       On the CPU 0: the reference's dequantised W is transient and, measured, never at the peak
     """
     if mode not in MODES:
@@ -173,7 +175,21 @@ def predict(config, mode: str, shape: Shape = Shape()) -> dict[str, int]:
     out["activations"] = max(moments.values()) + 2 * 2 * shape.seq * config.head_dim  # + rotary tables
     if shape.device == "cuda":
         out["workspace"] = CUBLAS_WORKSPACE_BYTES
+        if mode in ("qlora", "qlora-paged"):
+            out["workspace"] += dequant_scratch_bytes(config, shape)
     return out
+
+
+def dequant_scratch_bytes(config, shape: Shape) -> int:
+    """Bytes of the device's one scratch buffer (qlora/kernels/large_m.py): a linear whose forward or input
+    gradient over M = T tokens is not fused (large_m.prefer_fused says dequantise + cuBLAS is faster, or
+    in_features is not a multiple of the block) dequantises its bf16 W [N, K] into it; the buffer is kept,
+    grown to the largest 2 N K seen (to within the dequantise kernel's last tile)."""
+    M = shape.batch * shape.seq
+    fused = large_m.prefer_fused
+    unfused = [o * i for _, i, o in linear_shapes(config)
+               if i % BLOCKSIZE or not fused(M, o, i, "forward") or not fused(M, o, i, "grad_input")]
+    return 2 * max(unfused, default=0)
 
 
 def trainable_shapes(config, mode: str, r: int) -> list[tuple[int, int]]:

@@ -21,21 +21,17 @@ from itertools import chain
 
 import torch
 
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch built without distributed: no parameter is sharded
-    DTensor = ()
-
 from qlora.kernels import backend
 from qlora.kernels.adamw import (
     CHUNK,
     adamw_chunks_,
     adamw_scalars,
     adamw_update_reference,
-    grad_clip_factor,
     make_chunks,
     tensor_rows,
 )
+from qlora.optim_clip import clip_factor
+from qlora.optim_clip import local as _local  # FSDP2's parameters and gradients: the optimizer pages each rank's shard
 from qlora.optim_options import (
     adamw_defaults,
     adopt_implementation_flags,
@@ -47,29 +43,6 @@ from qlora.paged_states import DEFAULT_PAGE_SIZE, STATE_BYTES_PER_ELEMENT, Paged
 
 AMSGRAD_ROWS = 3               # rows of a page once amsgrad needs max_exp_avg_sq
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a DTensor (FSDP2's sharded parameters and gradients), else t itself:
-    the optimizer pages and updates each rank's shard only."""
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
-def _shard_group(p: torch.Tensor):
-    """The process group a sharded parameter is split over (None for a whole tensor)."""
-    return p.device_mesh.get_group() if isinstance(p, DTensor) else None
-
-
-def _clip_factor(grads: list[torch.Tensor], max_norm: float, group) -> torch.Tensor:
-    """grad_clip_factor over the whole gradients: with shards, the ranks' sums of squares are all-reduced."""
-    if group is None:
-        return grad_clip_factor(grads, max_norm)
-    device = grads[0].device
-    square = torch.zeros((), dtype=torch.float32, device=device)
-    for g in grads:
-        square += torch.linalg.vector_norm(g, 2.0, dtype=torch.float32).to(device).square()
-    torch.distributed.all_reduce(square, group=group)
-    return torch.clamp(max_norm / (square.sqrt() + 1e-6), max=1.0).reshape(1)
 
 
 class _Plan:
@@ -136,9 +109,10 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     nothing (there is one, fused, implementation); capturable=True and differentiable=True
     are refused (see qlora/optim_options.py). The rest are ours.
 
-    gpu_budget: bytes of GPU memory the states may hold, or "auto" (keep everything resident
-    while torch.cuda.mem_get_info shows headroom above a reserve; evict least-recently-used
-    pages when it does not). page_size: bytes per page, both moments together (a multiple
+    gpu_budget: bytes of GPU memory the states may hold, or "auto": what the device can hold beside
+    the peak of a step (forward and backward, torch.cuda.max_memory_allocated, which it reads and
+    never resets) and a reserve of max(2 pages, 5 %), evicting least-recently-used pages when that
+    shrinks (qlora/paged_budget.py). page_size: bytes per page, both moments together (a multiple
     of 16 KiB; amsgrad in any group adds a third row, max_exp_avg_sq, to every page).
     max_grad_norm: clip the gradients' total L2 norm to this, computed on the
     device (the gradients themselves are left untouched).
@@ -250,6 +224,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
     def page_in(self) -> None:
         """Bring states back to the GPU, as far as the budget allows (step() does it too)."""
         for store in self._stores.values():
+            store.observe_peak()
             store.fit()
 
     # ---- the step -----------------------------------------------------------------------------
@@ -273,6 +248,8 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 work.append((p, g if g.is_contiguous() else g.contiguous(), gi))
         if not work:
             return loss
+        for store in self._stores.values():  # "auto": the forward and backward just done set the budget
+            store.observe_peak()
         for p, _, _ in work:
             if "step" not in self.state[p]:
                 self._init_state(p)
@@ -297,7 +274,7 @@ class PagedAdamW32bit(torch.optim.Optimizer):
         scalars = adamw_scalars(lr, beta1, beta2, eps, weight_decay, plan.steps.to(torch.float64), maximize, amsgrad)
         clip = None
         if self.max_grad_norm is not None:
-            clip = _clip_factor([g for _, g, _ in work], self.max_grad_norm, _shard_group(work[0][0]))
+            clip = clip_factor([p.grad for p, _, _ in work], self.max_grad_norm, lambda i: self._name(work[i]))
 
         for device, entry in plan.by_store.items():
             store = entry["store"]
@@ -317,6 +294,11 @@ class PagedAdamW32bit(torch.optim.Optimizer):
                 for index, _ in entry["items"]:
                     torch.autograd.graph.increment_version(_local(work[index][0]))
         return loss
+
+    def _name(self, item) -> str:
+        p, _, gi = item
+        index = next(i for i, q in enumerate(self.param_groups[gi]["params"]) if q is p)
+        return f"parameter {index} of param group {gi}"
 
     @staticmethod
     def _reference_update(store, entry, work, rows, clip):

@@ -13,11 +13,11 @@ from typing import Callable, Sequence
 import torch
 
 from qlora.kernels.adamw import CHUNK, PAGE_COLUMNS
+from qlora.paged_budget import DeviceMemory, auto_reserve, auto_state_bytes, cuda_memory
 
 DEFAULT_PAGE_SIZE = 16 << 20  # bytes of state per page (both moments): 2M parameters
 STATE_BYTES_PER_ELEMENT = 8    # exp_avg + exp_avg_sq, float32 each (page_size counts these two)
 STREAM_SLOTS = 3               # device slots streamed pages pass through (2 would serialise compute)
-AUTO_RESERVE_FRACTION = 0.05   # "auto" leaves this much of the device free for activations
 UNLIMITED_PAGES = 1 << 62      # capacity with no budget to follow
 
 
@@ -26,12 +26,6 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
-
-
-def _cuda_headroom(device: torch.device) -> int:
-    """Bytes a new allocation could get: free to the driver plus cached by torch's allocator."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 class Page:
@@ -46,8 +40,9 @@ class Page:
 class PagedStates:
     """The page table of one device: where each page lives, and the moves between the two sides.
 
-    budget: bytes of device memory the pages (and the streaming slots) may hold; "auto" to
-    follow the device's free memory (headroom() minus reserve); None for no limit.
+    budget: bytes of device memory the pages (and the streaming slots) may hold; "auto" to leave
+    room for the peak of a step (qlora.paged_budget; memory() reads the device, cuda_memory on a
+    GPU); None for no limit.
     """
 
     def __init__(
@@ -56,7 +51,7 @@ class PagedStates:
         page_numel: int,
         budget: int | str | None = None,
         *,
-        headroom: Callable[[], int] | None = None,
+        memory: Callable[[], DeviceMemory] | None = None,
         reserve: int | None = None,
         rows: int = 2,
     ) -> None:
@@ -67,13 +62,17 @@ class PagedStates:
         self.rows = rows
         self.budget = budget
         self.cuda = self.device.type == "cuda"
-        if budget == "auto" and headroom is None and self.cuda:
-            headroom = lambda: _cuda_headroom(self.device)  # noqa: E731
-        self.headroom = headroom
+        if budget == "auto" and memory is None and self.cuda:
+            memory = lambda: cuda_memory(self.device)  # noqa: E731
+        self.memory = memory
         if reserve is None:
             total = torch.cuda.get_device_properties(self.device).total_memory if self.cuda else 0
-            reserve = max(2 * self.page_bytes, int(AUTO_RESERVE_FRACTION * total))
+            reserve = auto_reserve(total, self.page_bytes)
         self.reserve = reserve
+        # "auto": (the allocator's peak, the state bytes on the device when it was reached), and the peak
+        # statistic as last read.
+        self.last_peak: tuple[int, int] | None = None
+        self._peak_read: int | None = None
         self.pages: list[Page] = []
         self.numel = 0  # flat elements handed out
         self.clock = 0
@@ -104,13 +103,32 @@ class PagedStates:
         return (len(self.resident_pages) + len(self.slots)) * self.page_bytes
 
     def _capacity_pages(self, growing: bool) -> int:
-        if self.budget is None or (self.budget == "auto" and self.headroom is None):
+        if self.budget is None or (self.budget == "auto" and self.memory is None):
             return UNLIMITED_PAGES
         if self.budget == "auto":
-            # Evict below one reserve of headroom, grow back only above two: no flapping.
-            spare = self.headroom() - (2 if growing else 1) * self.reserve
-            return max((self.device_bytes + spare) // self.page_bytes, 0)
+            if self.last_peak is None:
+                self.observe_peak()
+            now = self.memory()
+            peak, peak_state_bytes = self.last_peak
+            # Evict below one reserve of room, grow back only above two: no flapping.
+            room = auto_state_bytes(now.usable, peak, now.allocated, self.device_bytes,
+                                    (2 if growing else 1) * self.reserve, peak_state_bytes)
+            return room // self.page_bytes
         return self.budget // self.page_bytes
+
+    def observe_peak(self) -> None:
+        """Under "auto": read the allocator's peak (the optimizer does once per step, after backward).
+
+        The statistic is never reset here. One that changed since the last reading (higher: reached since
+        then; lower: someone reset it since then) was reached with the states the device holds now, which
+        have not moved since the last step (page_out() may have emptied them: that only overestimates what
+        else the peak held). An unchanged one leaves the record, with the states held when it was set."""
+        if self.budget != "auto" or self.memory is None:
+            return
+        peak = self.memory().peak
+        if self.last_peak is None or peak != self._peak_read:
+            self.last_peak = (peak, self.device_bytes)
+        self._peak_read = peak
 
     def _resident_limit(self, n_pages: int, capacity: int) -> int:
         if n_pages <= capacity:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from optim_clip_checks import clip_checks
 from qlora.cli import main
 from qlora.distributed import Distributed
 from qlora.finetune import finetune, load_model
@@ -87,6 +88,7 @@ def check(work: Path) -> None:
     ddp(ids, labels=ids).loss.backward()
     seen["ddp_kept_own_nf4_byte"] = int(layer.weight[0, 0]) == marker
     seen["ddp_lora_grad"] = layer.lora_B.weight.grad.double().sum().item()
+    seen["clip"] = clip_checks()
     (work / f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 

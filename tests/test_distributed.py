@@ -153,3 +153,26 @@ def test_fsdp_outside_torchrun_is_one_clear_line(tmp_path):
         "qlora finetune: error: --fsdp: not started by torchrun (no WORLD_SIZE, RANK, LOCAL_RANK in the "
         "environment); run: torchrun --nproc-per-node N -m qlora finetune --fsdp ..."]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("mesh", ["line", "hsdp", "full"])
+def test_clipping_dtensor_gradients_by_the_whole_norm(runs, mesh):
+    """tests/optim_clip_checks.py: a whole tensor beside shards on a line, HSDP's (replicate, shard) mesh,
+    both dimensions of a 2 x 1 mesh: one all-reduce gives the factor of the whole tensors' norm."""
+    for seen in runs[2]:
+        got, want = seen["clip"][mesh]
+        assert want < 0.5 and got == pytest.approx(want, rel=1e-6)
+
+
+def test_clipping_refuses_partial_and_mixed_meshes_in_one_line(runs):
+    for seen in runs[2]:
+        partial, meshes = seen["clip"]["partial"], seen["clip"]["two_meshes"]
+        assert partial.startswith("max_grad_norm: parameter 1 of param group 0 has a gradient with placements "
+                                  "(Partial(sum),)")
+        assert meshes.startswith("max_grad_norm: parameter 1 of param group 0 has its gradient on mesh")
+        assert "\n" not in partial + meshes
+
+
+def test_a_clipped_step_with_whole_and_sharded_parameters_is_torchs(runs):
+    for seen in runs[2]:
+        assert seen["clip"]["step_moved"] > 1e-3 and seen["clip"]["step_error"] < 1e-6

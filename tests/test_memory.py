@@ -6,7 +6,9 @@ import torch
 
 from qlora.cli import main
 from qlora.llama import LlamaConfig
+from qlora.kernels import large_m
 from qlora.memory import Shape, measure, predict, preset_config
+from qlora.memory_predict import dequant_scratch_bytes
 
 MiB = 2**20
 # D 64, I 160, 2 layers, 4 heads of 16 (Q 64) on 2 KV heads (K 32), vocab 100.
@@ -42,7 +44,9 @@ def test_qlora_prediction_by_hand():
     loss_moment = checkpoint_inputs + (4 * 64 + 4) * 64 + 12 * 100 * 62
     assert checkpoint_inputs + layer + in_flight > loss_moment
     assert got["activations"] == checkpoint_inputs + layer + in_flight + 2 * 2 * 32 * 16  # + rotary tables
-    assert got["workspace"] == 32 * MiB  # cuBLAS
+    # cuBLAS, and the dequantise scratch: down_proj's in_features 160 is not a multiple of the 64-block, so its
+    # bf16 W [64, 160] is dequantised into the device's scratch buffer at any M (the others stay fused at M 64).
+    assert got["workspace"] == 32 * MiB + 2 * 64 * 160
 
 
 def test_other_modes_by_hand():
@@ -71,6 +75,23 @@ def test_without_checkpointing_every_layer_keeps_its_activations():
     assert final_norm_moment > layer_moment
     assert off["activations"] == final_norm_moment + 2 * 2 * 32 * 16
     assert off["activations"] > on["activations"]
+
+
+def test_dequant_scratch_counts_the_largest_unfused_layer_either_direction(monkeypatch):
+    config = preset_config("llama-65b")
+    big = 22016 * 8192  # gate/up [22016, 8192] and down [8192, 22016], the largest linears
+    # A cost model that keeps the forward fused up to 384 tokens and the input gradient up to 228 (the
+    # qlora/kernels/large_m.py model before its tiles overlapped decode and MMA).
+    limits = {"forward": 384, "grad_input": 228}
+    monkeypatch.setattr(large_m, "prefer_fused", lambda M, N, K, direction="forward": M <= limits[direction])
+    assert dequant_scratch_bytes(config, Shape(seq=200)) == 0
+    assert dequant_scratch_bytes(config, Shape(seq=150, batch=2)) == 2 * big == 360_710_144  # backward only
+    at_2048 = predict(config, "qlora", Shape(seq=2048, device="cuda"))
+    assert at_2048["workspace"] == 32 * MiB + 360_710_144
+    assert predict(config, "qlora", Shape(seq=200, device="cuda"))["workspace"] == 32 * MiB
+    # Only the NF4 modes dequantise, only on CUDA (the CPU reference's dequantised W is transient).
+    assert predict(config, "bf16-lora", Shape(seq=2048, device="cuda"))["workspace"] == 32 * MiB
+    assert predict(config, "qlora", Shape(seq=2048, device="cpu"))["workspace"] == 0
 
 
 @pytest.mark.parametrize("mode,grad_ckpt", [("qlora", True), ("qlora", False), ("bf16-lora", True)])

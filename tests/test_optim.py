@@ -10,6 +10,7 @@ import torch
 
 from qlora.kernels.adamw import CHUNK
 from qlora.optim import PagedAdamW32bit
+from qlora.paged_budget import DeviceMemory
 from qlora.paged_states import PagedStates
 
 PAGE_NUMEL = 2 * CHUNK
@@ -207,8 +208,9 @@ def test_run_updates_every_page_once_resident_in_one_call():
 
 
 def test_auto_budget_evicts_least_recently_used_and_grows_back():
-    free = {"bytes": 1 << 40}
-    store = PagedStates("cpu", PAGE_NUMEL, budget="auto", headroom=lambda: free["bytes"], reserve=PAGE)
+    free = {"bytes": 1 << 40}  # beside the states, which are all that is allocated (no step's peak above it)
+    store = PagedStates("cpu", PAGE_NUMEL, budget="auto", reserve=PAGE,
+                        memory=lambda: DeviceMemory(free["bytes"] + store.device_bytes, 0, store.device_bytes))
     for _ in range(6):
         store.allocate(PAGE_NUMEL)
     assert store.resident_pages == list(range(6)) and not store.slots
