@@ -8,7 +8,6 @@ loaded as `qlora finetune` loads them (a plain checkpoint is quantised on load).
 """
 from __future__ import annotations
 
-import inspect
 import os
 import sys
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qlora.decoding import CACHE_IMPLEMENTATIONS, generate_ids, next_token  # noqa: F401 (imported from here)
 from qlora.errors import UserError
 
 DEFAULT_PROMPT = "def "
@@ -37,58 +37,7 @@ class Generation:
         return max(len(self.token_ids) - 1, 0) / max(self.decode_seconds, 1e-9)
 
 
-# ---- the decoding loop ---------------------------------------------------------------------------
-
-def next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-               generator: torch.Generator | None = None) -> int:
-    """The next token from one position's logits: argmax at temperature 0, else a sample from the
-    smallest set of most likely tokens whose probability reaches top_p."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    sorted_probs, order = probs.sort(descending=True)
-    # Keep a token if the ones more likely than it do not yet reach top_p (the first is always kept).
-    keep = (sorted_probs.cumsum(-1) - sorted_probs) < top_p
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-    return int(order[choice])
-
-
-def _cache_keyword(model) -> str | None:
-    """The forward's cache argument: None for qlora's Llama; transformers 5.24 renamed
-    past_key_values to cache (the old name warns until 5.40). Read once per generation."""
-    from qlora.llama import LlamaForCausalLM
-
-    if isinstance(model, LlamaForCausalLM):
-        return None
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _forward(model, ids: torch.Tensor, cache, keyword: str | None):
-    """Logits of the new tokens and the cache holding every token so far."""
-    from qlora.llama import KVCache
-
-    if keyword is None:  # qlora's Llama
-        cache = cache if cache is not None else KVCache()
-        return model(ids, past_key_values=cache).logits, cache
-    out = model(input_ids=ids, use_cache=True, **{keyword: cache})
-    return out.logits, getattr(out, keyword)
-
-
-@torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = ()):
-    """Yield new token ids one at a time (a stop token is yielded, then generation ends)."""
-    device = next(model.parameters()).device
-    keyword = _cache_keyword(model)
-    logits, cache = _forward(model, torch.tensor([prompt_ids], dtype=torch.long, device=device), None, keyword)
-    for step in range(max_new_tokens):
-        token = next_token(logits[0, -1], temperature, top_p, generator)
-        yield token
-        if token in stop_ids or step == max_new_tokens - 1:
-            return
-        logits, cache = _forward(model, torch.tensor([[token]], dtype=torch.long, device=device), cache, keyword)
-
+# ---- streaming text ------------------------------------------------------------------------------
 
 class TextStream:
     """Turns token ids into text pieces as they come: the whole is decoded each time and the new
@@ -161,23 +110,48 @@ def load(model: str | os.PathLike | None = None, adapter: str | os.PathLike | No
     return net.eval(), tokenizer, info.context
 
 
-def check_options(max_new_tokens: int, temperature: float, top_p: float) -> None:
+def check_options(max_new_tokens: int, temperature: float, top_p: float,
+                  cache_implementation: str = "dynamic") -> None:
     if max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise UserError(f"--temperature must be >= 0 and --top-p in (0, 1], got {temperature} and {top_p}")
+    if cache_implementation not in CACHE_IMPLEMENTATIONS:
+        raise UserError(f"--cache-implementation must be one of {', '.join(CACHE_IMPLEMENTATIONS)}, "
+                        f"got {cache_implementation!r}")
+
+
+def check_static_cache(net, compile: bool | dict) -> None:
+    """A static cache needs qlora's Llama or a transformers model; compiling also needs no sliding-window
+    layer (transformers' static sliding-window layer counts on the host: a recompile at every token)."""
+    from qlora.decoding import cache_keyword, has_sliding_layers
+
+    if cache_keyword(net) is None:
+        return
+    kind = getattr(getattr(net, "config", None), "model_type", type(net).__name__)
+    if not hasattr(net, "config"):
+        raise UserError(f"--cache-implementation static: model {kind!r} has no transformers config to size a cache")
+    if compile and has_sliding_layers(net):
+        raise UserError(f"--compile: model_type {kind!r} has sliding-window layers, whose transformers cache "
+                        "recompiles at every token; use qlora's Llama or leave --compile off")
 
 
 def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.Module | None = None,
              tokenizer=None, adapter: str | os.PathLike | None = None, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, device: str | None = None,
-             compute_dtype: str = "bfloat16", chat: bool = False, stream=None) -> Generation:
+             compute_dtype: str = "bfloat16", chat: bool = False, stream=None,
+             cache_implementation: str = "dynamic", compile: bool | dict = False) -> Generation:
     """Generate from a model directory (default: the embedded tiny Llama) or from a loaded model and
     its tokenizer. stream(piece), if given, receives the text as it is decoded. Raises UserError on
-    bad input."""
+    bad input.
+
+    cache_implementation="static" preallocates the KV cache (transformers' name for it); compile=True
+    also runs each decode step under torch.compile(mode="reduce-overhead", fullgraph=True), one CUDA
+    graph per token on a GPU (a dict updates those torch.compile arguments). The sampler's generator
+    lives on the model's device, so a seed gives the same text run after run on one device."""
     from qlora.llama import LlamaForCausalLM
 
-    check_options(max_new_tokens, temperature, top_p)
+    check_options(max_new_tokens, temperature, top_p, cache_implementation)
     if isinstance(model, torch.nn.Module):
         if tokenizer is None or adapter is not None:
             raise UserError("generate: a loaded model needs its tokenizer, and takes no adapter "
@@ -195,16 +169,16 @@ def generate(prompt: str = DEFAULT_PROMPT, model: str | os.PathLike | torch.nn.M
         if len(prompt_ids) >= context:
             raise UserError(f"--prompt: {len(prompt_ids)} tokens, the model's context is {context}")
         max_new_tokens = min(max_new_tokens, context - len(prompt_ids))
-    device = next(net.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
+    if compile or cache_implementation == "static":
+        check_static_cache(net, compile)
+    device = net.get_input_embeddings().weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     text = TextStream(tokenizer)
     tokens = generate_ids(net, prompt_ids, max_new_tokens, temperature, top_p, generator,
-                          stop_ids_of(net, tokenizer))
+                          stop_ids_of(net, tokenizer), cache_implementation, compile)
     start = time.perf_counter()
     first_at = start
-    for count, token in enumerate(tokens):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+    for count, token in enumerate(tokens):  # each token is on the host once yielded: no other sync needed
         if count == 0:
             first_at = time.perf_counter()
         piece = text.push(token)
@@ -228,6 +202,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--compute-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--cache-implementation", default="dynamic", choices=CACHE_IMPLEMENTATIONS,
+                        help="static: a KV cache preallocated to prompt + new tokens (default dynamic)")
+    parser.add_argument("--compile", action="store_true",
+                        help="decode steps under torch.compile(mode='reduce-overhead', fullgraph=True) with a "
+                             "static cache: one CUDA graph per token on a GPU (the first tokens pay the compile)")
 
 
 def run(args) -> int:
@@ -235,11 +214,14 @@ def run(args) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    check_options(args.max_new_tokens, args.temperature, args.top_p)
+    check_options(args.max_new_tokens, args.temperature, args.top_p, args.cache_implementation)
     net, tokenizer, _ = load(args.model, args.adapter, args.device, args.compute_dtype)
+    if args.compile or args.cache_implementation == "static":
+        check_static_cache(net, args.compile)
     sys.stdout.write(args.prompt)
     result = generate(args.prompt, model=net, tokenizer=tokenizer, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat, stream=stream)
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat, stream=stream,
+                      cache_implementation=args.cache_implementation, compile=args.compile)
     sys.stdout.write("\n")
     print(f"{len(result.token_ids)} tokens; prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f}s, "
           f"decode {result.tokens_per_second:,.1f} tokens/s", file=sys.stderr)

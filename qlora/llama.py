@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qlora.kv_cache import KVCache, StaticKVCache, causal_attention  # KVCache: also imported from here
+
 # model_type values whose checkpoints have exactly this architecture (Mistral adds an optional sliding window).
 LLAMA_FAMILY = ("llama", "mistral")
 
@@ -165,9 +167,12 @@ def rope_inv_freq(config: LlamaConfig, device=None) -> torch.Tensor:
 
 
 def rope_tables(config: LlamaConfig, seq_len: int, device, dtype, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    return rope_tables_at(config, torch.arange(start, start + seq_len, device=device), dtype)
+
+
+def rope_tables_at(config: LlamaConfig, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     # Computed per forward rather than kept as buffers: a model built on the meta device needs no fix-up.
-    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
-    freqs = positions[:, None] * rope_inv_freq(config, device)[None, :]
+    freqs = positions.float()[:, None] * rope_inv_freq(config, positions.device)[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -175,38 +180,6 @@ def rope_tables(config: LlamaConfig, seq_len: int, device, dtype, start: int = 0
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-class KVCache:
-    """Each layer's keys and values of the tokens seen so far (after rotary), so that decoding feeds
-    only the new tokens. Pass one to LlamaForCausalLM.forward as past_key_values; it grows in place."""
-
-    def __init__(self):
-        self.keys: list[torch.Tensor] = []
-        self.values: list[torch.Tensor] = []
-
-    def __len__(self) -> int:
-        return self.keys[0].shape[-2] if self.keys else 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if layer == len(self.keys):
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[layer] = torch.cat((self.keys[layer], k), dim=-2)
-            self.values[layer] = torch.cat((self.values[layer], v), dim=-2)
-        return self.keys[layer], self.values[layer]
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal attention of the last q.shape[-2] positions over all k.shape[-2] (earlier ones cached)."""
-    new, total = q.shape[-2], k.shape[-2]
-    if new == total:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if new == 1:  # one new token sees everything before it
-        return F.scaled_dot_product_attention(q, k, v)
-    allowed = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 class RMSNorm(nn.Module):
@@ -236,7 +209,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * hd, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         hd = self.config.head_dim
         q = self.q_proj(x).view(batch, seq, -1, hd).transpose(1, 2)
@@ -250,7 +223,7 @@ class Attention(nn.Module):
             # Expanding K/V (as transformers does) works with every SDPA backend; enable_gqa does not.
             k = k.repeat_interleave(self.config.n_rep, dim=1)
             v = v.repeat_interleave(self.config.n_rep, dim=1)
-        out = _attention(q, k, v)
+        out = cache.attend(q, k, v) if cache is not None else causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -275,7 +248,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | StaticKVCache | None = None) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -325,31 +298,42 @@ class LlamaForCausalLM(nn.Module):
         self.gradient_checkpointing = False
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, past_key_values: KVCache | None = None,
-                **_ignored) -> CausalLMOutput:
-        """past_key_values: a KVCache holding the earlier tokens (filled in place); input_ids are the new ones."""
+                attention_mask: torch.Tensor | None = None,
+                past_key_values: KVCache | StaticKVCache | None = None, **_ignored) -> CausalLMOutput:
+        """past_key_values: a KVCache or StaticKVCache holding the earlier tokens (filled in place);
+        input_ids are the new ones."""
         # Causal attention over full rows only: a padded batch would silently attend to its padding.
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError(f"attention_mask of shape {list(attention_mask.shape)} masks out tokens; "
                              "this model attends causally over whole rows (pack or trim the batch instead)")
-        past = len(past_key_values) if past_key_values is not None else 0
-        seq = past + input_ids.shape[-1]
-        if seq > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {seq} tokens exceeds the model's context of "
-                             f"{self.config.max_position_embeddings}")
-        if self.config.sliding_window is not None and seq > self.config.sliding_window:
-            raise ValueError(f"sequence of {seq} tokens exceeds the sliding window of {self.config.sliding_window}")
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rope_tables(self.config, seq - past, h.device, h.dtype, start=past)
+        if isinstance(past_key_values, StaticKVCache):
+            # Positions come from the cache's device counter: the same graph serves every token.
+            if not torch.compiler.is_compiling():
+                past_key_values.reserve(input_ids.shape[-1])  # a compiled caller reserves outside the graph
+            cos, sin = rope_tables_at(self.config, past_key_values.positions(input_ids.shape[-1]), h.dtype)
+        else:
+            past = len(past_key_values) if past_key_values is not None else 0
+            self.check_length(past + input_ids.shape[-1])
+            cos, sin = rope_tables(self.config, input_ids.shape[-1], h.device, h.dtype, start=past)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 # Keep only each layer's input; recompute its inside during backward.
                 h = checkpoint(layer, h, cos, sin, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, past_key_values)
+        if isinstance(past_key_values, StaticKVCache):
+            past_key_values.advance(input_ids.shape[-1])
         logits = self.lm_head(self.model.norm(h))
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(loss, logits)
+
+    def check_length(self, seq: int) -> None:
+        if seq > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {seq} tokens exceeds the model's context of "
+                             f"{self.config.max_position_embeddings}")
+        if self.config.sliding_window is not None and seq > self.config.sliding_window:
+            raise ValueError(f"sequence of {seq} tokens exceeds the sliding window of {self.config.sliding_window}")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
