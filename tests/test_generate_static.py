@@ -225,3 +225,29 @@ def test_transformers_model_compiles_with_its_static_cache_and_sliding_windows_a
     with pytest.raises(UserError) as error:
         generate("ab", model=gemma2, tokenizer=ByteTokenizer(), max_new_tokens=4, compile=True)
     assert "\n" not in str(error.value) and "'gemma2' has sliding-window layers" in str(error.value)
+
+
+def test_cli_compile_and_static_cache_flags_give_the_default_text(capsys, monkeypatch):
+    import sys
+
+    from qlora import decoding
+    from qlora.cli import main
+    from qlora.tokenizer import ByteTokenizer
+
+    torch.manual_seed(0)
+    model = build_model(LlamaConfig(**dict(CONFIG, vocab_size=259)), device="cpu", dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    monkeypatch.setattr(sys.modules["qlora.generate"], "load", lambda *args: (model, ByteTokenizer(), None))
+    # The eager backend keeps the test quick; inductor's reduce-overhead is what --compile asks for.
+    assert decoding.compile_options(True) == {"mode": "reduce-overhead", "fullgraph": True}
+    compiles, caches, real_new_cache = [], [], decoding.new_cache
+    monkeypatch.setattr(decoding, "compile_options",
+                        lambda compile: compiles.append(compile) or {"backend": "eager", "fullgraph": True})
+    monkeypatch.setattr(decoding, "new_cache", lambda *args: caches.append(real_new_cache(*args)) or caches[-1])
+    outputs = []
+    for flags in ([], ["--compile"], ["--cache-implementation", "static"]):
+        assert main(["generate", "--prompt", "ab", "--max-new-tokens", "6", *flags]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > len("ab\n")
+    assert compiles == [True] and [type(c).__name__ for c in caches] == ["KVCache", "StaticKVCache", "StaticKVCache"]
