@@ -10,6 +10,7 @@ from qlora.generate import generate
 from qlora.kv_cache import StaticKVCache
 from qlora.llama import LlamaConfig, LlamaForCausalLM, build_model
 from qlora.model import prepare_model
+from hf_families import one_thread  # noqa: F401 (tiny models: one torch thread, no spin-waits on a busy runner)
 from test_generate import greedy_reference
 
 CONFIG = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -206,7 +207,7 @@ def test_generate_with_a_seed_reproduces_its_samples():
 
 def test_transformers_model_compiles_with_its_static_cache_and_sliding_windows_are_refused():
     pytest.importorskip("transformers")
-    from hf_families import tiny_model
+    from hf_families import tiny_model  # noqa: F811
 
     from qlora.tokenizer import ByteTokenizer
 
