@@ -252,3 +252,15 @@ def test_cli_compile_and_static_cache_flags_give_the_default_text(capsys, monkey
         outputs.append(capsys.readouterr().out)
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) > len("ab\n")
     assert compiles == [True] and [type(c).__name__ for c in caches] == ["KVCache", "StaticKVCache", "StaticKVCache"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gpt2"])
+def test_transformers_families_give_the_same_tokens_with_their_static_cache(family, dtype):
+    pytest.importorskip("transformers")
+    from hf_families import tiny_model  # noqa: F811
+
+    model = prepare_model(tiny_model(family, dtype), r=4, compute_dtype=dtype, verbose=False).eval()
+    prompt = [5, 9, 2, 7, 1, 8]
+    static = list(generate_ids(model, prompt, 8, cache_implementation="static"))
+    assert static == list(generate_ids(model, prompt, 8)) == greedy_reference(model, prompt, 8)
