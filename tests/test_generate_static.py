@@ -42,11 +42,16 @@ class GraphCapture:
     """A torch.compile backend that keeps the FX graphs Dynamo hands it and runs them eagerly."""
 
     def __init__(self):
-        self.graphs = []
+        self.graphs, self.inputs = [], []
 
     def __call__(self, gm, example_inputs):
         self.graphs.append(gm)
+        self.inputs.append(example_inputs)
         return gm.forward
+
+    def placeholders(self, graph: int = 0) -> dict[str, object]:
+        nodes = [node for node in self.graphs[graph].graph.nodes if node.op == "placeholder"]
+        return {node.name: value for node, value in zip(nodes, self.inputs[graph])}
 
     def targets(self) -> set[str]:
         return {str(node.target) for gm in self.graphs for node in gm.graph.nodes
@@ -119,6 +124,16 @@ def test_compiled_decode_step_is_one_graph_with_no_recompile_and_no_host_sync():
     targets = capture.targets()
     assert "qlora.nf4_linear" in targets
     assert not capture.host_reads()
+    # What CUDA graphs (cudagraph trees) need to replay without copies: every tensor but the token has a
+    # static address (weights, NF4 buffers, the cache), and every in-place write lands on one of those.
+    inputs = capture.placeholders()
+    static = {name for name, value in inputs.items() if hasattr(value, "_dynamo_static_input_type")}
+    moving = [value for name, value in inputs.items() if isinstance(value, torch.Tensor) and name not in static]
+    assert len(moving) == 1 and moving[0].shape == (1, 1) and moving[0].dtype == torch.long
+    written = [node for node in capture.graphs[0].graph.nodes
+               if node.op == "call_method" and node.target in ("index_copy_", "add_", "copy_")]
+    assert len(written) == 2 * CONFIG["num_hidden_layers"] + 1  # keys, values, the length
+    assert all(node.args[0].op == "placeholder" and node.args[0].name in static for node in written)
 
 
 def test_a_host_read_inside_a_step_would_be_seen():
