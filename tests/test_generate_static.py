@@ -49,9 +49,19 @@ class GraphCapture:
         self.inputs.append(example_inputs)
         return gm.forward
 
-    def placeholders(self, graph: int = 0) -> dict[str, object]:
-        nodes = [node for node in self.graphs[graph].graph.nodes if node.op == "placeholder"]
-        return {node.name: value for node, value in zip(nodes, self.inputs[graph])}
+    def cache_writes(self) -> int:
+        """What CUDA graphs (cudagraph trees) need to replay one graph without copies or skips: every
+        tensor input but the token has a static address (weights, NF4 buffers, the cache), and every
+        in-place write lands on one of those. Returns the number of in-place writes."""
+        (graph,), (values,) = self.graphs, self.inputs
+        inputs = {node.name: value for node, value in zip(graph.graph.nodes, values) if node.op == "placeholder"}
+        static = {name for name, value in inputs.items() if hasattr(value, "_dynamo_static_input_type")}
+        moving = [value for name, value in inputs.items() if isinstance(value, torch.Tensor) and name not in static]
+        assert len(moving) == 1 and moving[0].shape == (1, 1) and moving[0].dtype == torch.long, moving
+        written = [node for node in graph.graph.nodes
+                   if node.op == "call_method" and node.target in ("index_copy_", "add_", "copy_")]
+        assert all(node.args[0].op == "placeholder" and node.args[0].name in static for node in written)
+        return len(written)
 
     def targets(self) -> set[str]:
         return {str(node.target) for gm in self.graphs for node in gm.graph.nodes
@@ -124,16 +134,7 @@ def test_compiled_decode_step_is_one_graph_with_no_recompile_and_no_host_sync():
     targets = capture.targets()
     assert "qlora.nf4_linear" in targets
     assert not capture.host_reads()
-    # What CUDA graphs (cudagraph trees) need to replay without copies: every tensor but the token has a
-    # static address (weights, NF4 buffers, the cache), and every in-place write lands on one of those.
-    inputs = capture.placeholders()
-    static = {name for name, value in inputs.items() if hasattr(value, "_dynamo_static_input_type")}
-    moving = [value for name, value in inputs.items() if isinstance(value, torch.Tensor) and name not in static]
-    assert len(moving) == 1 and moving[0].shape == (1, 1) and moving[0].dtype == torch.long
-    written = [node for node in capture.graphs[0].graph.nodes
-               if node.op == "call_method" and node.target in ("index_copy_", "add_", "copy_")]
-    assert len(written) == 2 * CONFIG["num_hidden_layers"] + 1  # keys, values, the length
-    assert all(node.args[0].op == "placeholder" and node.args[0].name in static for node in written)
+    assert capture.cache_writes() == 2 * CONFIG["num_hidden_layers"] + 1  # keys, values, the length
 
 
 def test_a_host_read_inside_a_step_would_be_seen():
@@ -236,6 +237,7 @@ def test_transformers_model_compiles_with_its_static_cache_and_sliding_windows_a
         torch._dynamo.config.error_on_recompile = False
     assert compiled == list(generate_ids(model, prompt, 8)) == greedy_reference(model, prompt, 8)
     assert len(capture.graphs) == 1 and "qlora.nf4_linear" in capture.targets()
+    assert capture.cache_writes() >= 2 * 2 and not capture.host_reads()  # keys and values of both layers
 
     gemma2 = tiny_model("gemma2")
     with pytest.raises(UserError) as error:
