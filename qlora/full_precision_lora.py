@@ -59,6 +59,19 @@ class FullPrecisionLoRA(nn.Module):
         self.base_layer.weight.data = self._add_delta(-1.0)
         self.merged = False
 
+    @torch.no_grad()
+    def _merged_base(self, dtype: torch.dtype | None = None) -> nn.Module:
+        """The base layer holding W + scale * B A, written into its own Parameter (as PEFT merges), so
+        a tied lm_head or embedding shares the update as it would with PEFT. A merged layer's weight
+        already holds it."""
+        base = self.base_layer
+        weight = base.weight if self.merged else base.weight.float() + self.delta_weight(torch.float32)
+        base.weight.data = weight.to(dtype or base.weight.dtype)
+        return base
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}, merged={self.merged}"
+
     def disable_adapter(self):
         """Run the base layer alone inside the block (a merged layer: unmerged in it, merged after it)."""
         return adapter_disabled(self, self.base_layer.weight.data if self.merged else None, self._remerge)

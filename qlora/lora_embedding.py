@@ -52,15 +52,7 @@ class LoRAEmbedding(FullPrecisionLoRA):
             update = update * embed_scale.to(update.dtype)
         return out + update.to(out.dtype)
 
-    @torch.no_grad()
     def merged_embedding(self, dtype: torch.dtype | None = None) -> nn.Embedding:
-        """The base nn.Embedding (same class, so embed_scale and the like stay) holding W + delta,
-        written into its own Parameter as PEFT merges: an lm_head tied to it stays tied (and so
-        sees the update too, as with PEFT). A merged layer's table already holds it."""
-        base = self.base_layer
-        weight = base.weight if self.merged else base.weight.float() + self.delta_weight(torch.float32)
-        base.weight.data = weight.to(dtype or base.weight.dtype)
-        return base
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}, merged={self.merged}"
+        """The base nn.Embedding (same class, so embed_scale and the like stay) holding W + delta (see
+        FullPrecisionLoRA._merged_base)."""
+        return self._merged_base(dtype)

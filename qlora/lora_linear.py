@@ -48,15 +48,6 @@ class LoRALinear(FullPrecisionLoRA):
         h = self.lora_dropout(x).to(self.lora_A.weight.dtype)
         return out + (self.lora_B(self.lora_A(h)) * self.scaling).to(out.dtype)
 
-    @torch.no_grad()
     def merged_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
-        """The base nn.Linear holding W + scale * B A, written into its own Parameter (as PEFT
-        merges), so a tied embedding shares the update as it would with PEFT. A merged layer's weight
-        already holds it."""
-        base = self.base_layer
-        weight = base.weight if self.merged else base.weight.float() + self.delta_weight(torch.float32)
-        base.weight.data = weight.to(dtype or base.weight.dtype)
-        return base
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha}, use_rslora={self.use_rslora}, merged={self.merged}"
+        """The base nn.Linear holding W + scale * B A (see FullPrecisionLoRA._merged_base)."""
+        return self._merged_base(dtype)
