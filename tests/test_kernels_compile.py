@@ -157,8 +157,8 @@ def test_triton_kernels_build_for_sm90():
 
 def test_decode_step_compiles_to_one_graph():
     # One generation step of qlora's Llama (NF4 layers, KV cache): no host sync or data-dependent
-    # host control may break it. Each step still recompiles (the cache grows by torch.cat, so its
-    # shape changes), which is what keeps CUDA graphs (reduce-overhead) from replaying it.
+    # host control may break it. With this growing cache each length recompiles (torch.cat changes
+    # its shape); the static cache that replays as one graph is tests/test_generate_static.py's.
     from qlora.llama import KVCache, LlamaConfig, LlamaForCausalLM
     from qlora.model import prepare_model
 
