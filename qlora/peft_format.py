@@ -190,6 +190,10 @@ def _split_keys(weights_file: Path, model: nn.Module, modules_to_save) -> tuple[
 
 
 def _check_layer(weights_file: Path, name: str, layer, parts: dict) -> None:
+    if getattr(layer, "merged", False):
+        # Its weight holds the current adapter: new factors would not run, and unmerge() would then
+        # subtract the new delta from a weight holding the old one.
+        raise ValueError(f"{weights_file}: the model's {name} is merged; unmerge() it before loading an adapter")
     if "A" not in parts or "B" not in parts:
         raise ValueError(f"{weights_file}: {name} has only {sorted(parts)}")
     a, b = parts["A"], parts["B"]
@@ -231,7 +235,8 @@ def _check_tensor(weights_file: Path, key: str, tensor: torch.Tensor, shape) -> 
 
 def _number(config_file: Path, key: str, value, low: float = -math.inf, below: float = math.inf) -> float:
     """A number of adapter_config.json, finite and in [low, below)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < below:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or not low <= value < below):
         raise ValueError(f"{config_file}: {key} is {value!r}; expected a finite number"
                          + (f" in [{low:g}, {below:g})" if math.isfinite(low) else ""))
     return value

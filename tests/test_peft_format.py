@@ -84,6 +84,7 @@ def test_the_intact_file_loads_everything(adapter_dir):
     ("lm_head int", "tensor lm_head.weight of shape [256, 64] holds NaN/Inf or non-float values (torch.int32)"),
     ("dropout 1.5", "lora_dropout is 1.5; expected a finite number in [0, 1)"),
     ("alpha text", "lora_alpha is 'sixteen'; expected a finite number"),
+    ("alpha -inf", "lora_alpha is -inf; expected a finite number"),  # json reads -Infinity
 ])
 def test_a_bad_file_leaves_the_model_untouched(adapter_dir, tmp_path, case, words):
     from safetensors.torch import load_file
@@ -95,7 +96,8 @@ def test_a_bad_file_leaves_the_model_untouched(adapter_dir, tmp_path, case, word
              "lm_head shape": ({SAVED_MODULE: head[:, :-1].clone()}, None),
              "lm_head int": ({SAVED_MODULE: head.to(torch.int32)}, None),
              "dropout 1.5": (None, {"lora_dropout": 1.5}),
-             "alpha text": (None, {"lora_alpha": "sixteen"})}
+             "alpha text": (None, {"lora_alpha": "sixteen"}),
+             "alpha -inf": (None, {"lora_alpha": float("-inf")})}
     bad = corrupt(adapter_dir, tmp_path / "bad", *edits[case])
     model = fresh_model()
     before = snapshot(model)
@@ -103,4 +105,22 @@ def test_a_bad_file_leaves_the_model_untouched(adapter_dir, tmp_path, case, word
         load_adapter(model, bad)
     message = str(err.value)
     assert words in message and str(bad) in message and "\n" not in message
+    assert_unchanged(before, model)
+
+
+@pytest.mark.parametrize("merged_layer", ["model.embed_tokens", "model.layers.1.self_attn.v_proj"])
+def test_a_merged_layer_is_refused(adapter_dir, merged_layer):
+    # Loading into a merged layer would leave the old delta in its weight (the new factors unused) and a
+    # later unmerge() would subtract the new delta from it: the base weight lost for good.
+    model = prepare_model(tiny_model("qwen2"), target_modules=["q_proj", "v_proj", "embed_tokens"], r=4,
+                          dropout=0.0, bias="lora_only", modules_to_save=["lm_head"], compute_dtype=torch.float32,
+                          verbose=False)
+    torch.manual_seed(7)
+    for p in model.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.05)
+    model.get_submodule(merged_layer).merge()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=f"the model's {merged_layer} is merged; unmerge"):
+        load_adapter(model, adapter_dir)
     assert_unchanged(before, model)
