@@ -114,12 +114,14 @@ class Distributed:
             for name, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
                     saved.append((module, name, p))
-        for module, name, p in saved:
-            module._parameters[name] = nn.Parameter(full_tensor(p.detach()), requires_grad=False)
+        swapped = []
         try:
+            for module, name, p in saved:  # a gather that fails (out of memory) leaves no module swapped
+                module._parameters[name] = nn.Parameter(full_tensor(p.detach()), requires_grad=False)
+                swapped.append((module, name, p))
             yield model, _WholeOptimizerState(optimizer)
         finally:
-            for module, name, p in saved:
+            for module, name, p in swapped:
                 module._parameters[name] = p
 
     def load_optimizer_state(self, optimizer, state_dict: dict) -> None:

@@ -84,7 +84,15 @@ class FullPrecisionLoRA(nn.Module):
 @contextlib.contextmanager
 def disable_adapter(model: nn.Module):
     """PeftModel.disable_adapter() for a prepared model: every adapter (QuantLoRALinear, LoRALinear,
-    LoRAEmbedding) off inside the block, each restored as it was after it."""
+    LoRAEmbedding) off inside the block, each restored as it was after it. modules_to_save and trained
+    biases are trained in place (no original copy is kept), so they stay as trained: a warning says so,
+    where PEFT would run the original modules_to_save (and warns about biases)."""
+    trained = list(getattr(model, "_qlora_modules_to_save", None) or ())
+    if getattr(model, "_qlora_bias", "none") != "none":
+        trained.append(f"biases (bias={model._qlora_bias!r})")
+    if trained:
+        warnings.warn(f"disable_adapter(): {', '.join(trained)} stay as trained inside the block; only the LoRA "
+                      "adapters are switched off (PEFT runs the original modules_to_save)", UserWarning, stacklevel=3)
     with contextlib.ExitStack() as stack:
         for module in model.modules():
             if isinstance(module, (QuantLoRALinear, FullPrecisionLoRA)):

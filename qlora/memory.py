@@ -139,7 +139,7 @@ def add_arguments(parser) -> None:
                                         "with --fsdp the LoRA modes)")
     parser.add_argument("--gpu-budget", default="auto",
                         help="qlora-paged: device memory the optimizer states may hold (e.g. 2GB, 64MiB), or auto "
-                             "(default, as PagedAdamW32bit: what the device has free at the step, less 5%%)")
+                             "(default, as PagedAdamW32bit: what the device holds beside a step's peak, less a 5%% reserve)")
     parser.add_argument("--gpu-memory", help="memory of one device, e.g. 44GB or 24GiB (default: the CUDA device's, "
                                              "or 80 GiB where there is none)")
     parser.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) training together: per-rank memory")

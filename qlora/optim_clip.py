@@ -1,7 +1,10 @@
-"""Gradient clipping by the whole norm when gradients are DTensor shards (FSDP2, HSDP, with TP).
+"""Gradient clipping by the whole norm when gradients are DTensor shards (FSDP2, HSDP).
 
 Each rank sums the squares of its local pieces; one all-reduce over the mesh the DTensors live on
-adds them up (one per reduced dimension when they are several and the mesh is only part of the world). A mesh dimension is reduced over when some gradient is sharded along it (Shard);
+adds them up (one per reduced dimension when they are several and the mesh is only part of the
+world). All DTensor gradients must live on one mesh: FSDP2 with tensor parallelism puts TP-sharded
+parameters on the (dp, tp) mesh and the others on the dp mesh, which is refused in one line (not
+supported yet). A mesh dimension is reduced over when some gradient is sharded along it (Shard);
 a gradient replicated along a reduced dimension (Replicate) is counted there once, by dividing its
 squares by the number of copies. Plain tensors beside the DTensors are whole and alike on every rank
 (DDP, or parameters FSDP leaves unsharded), so each rank adds them once, after the reduction.

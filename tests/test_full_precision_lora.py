@@ -101,3 +101,25 @@ def test_a_prepared_model_disables_every_adapter_and_restores_them():
         torch.testing.assert_close(logits(model, ids), base, rtol=1e-4, atol=1e-4)
     assert model.model.embed_tokens.merged
     torch.testing.assert_close(logits(model, ids), adapted, rtol=1e-4, atol=1e-4)
+
+
+def test_disable_adapter_warns_that_modules_to_save_stay_trained():
+    # PEFT runs the original modules_to_save inside disable_adapter(); qlora trains them in place, keeps
+    # no copy, and says so rather than hand back a silently trained "reference" model.
+    pytest.importorskip("transformers")
+    import warnings
+
+    from hf_families import tiny_model
+    from qlora.model import prepare_model
+
+    plain = prepare_model(tiny_model("llama"), target_modules=["q_proj"], r=4, compute_dtype=torch.float32,
+                          verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to say when only LoRA trains
+        with plain.disable_adapter():
+            pass
+    saved = prepare_model(tiny_model("llama"), target_modules=["q_proj"], r=4, modules_to_save=["lm_head"],
+                          bias="lora_only", compute_dtype=torch.float32, verbose=False)
+    with pytest.warns(UserWarning, match=r"lm_head, biases \(bias='lora_only'\) stay as trained"):
+        with saved.disable_adapter():
+            pass
