@@ -8,10 +8,12 @@ Choices, and why:
   multinomial gives (the same distribution, and on the CPU the same samples as before); and since the
   noise is an input drawn just outside, the whole step, selection included, is one graph with no host
   value in it.
-- The host reads each token one step behind. The next step is queued first; the token is copied into
-  pinned memory with a non-blocking copy and an event, so reading it waits for that token only, never
-  for the step queued after it: the device never idles while the host streams text or checks stop ids.
-  The price: on a stop token, one step past it has been computed and is thrown away.
+- On CUDA the host reads each token one step behind. The next step is queued first; the token is
+  copied into pinned memory with a non-blocking copy and an event on the token's device, so reading it
+  waits for that token only, never for the step queued after it: the device never idles while the host
+  streams text or checks stop ids. The price: on a stop token, one step past it has been computed and
+  is thrown away. Elsewhere (CPU) a step runs when called, so there is nothing to overlap: each token
+  is read before the next step runs, and timings stay per token.
 - `compile` wraps the decode step in torch.compile(mode="reduce-overhead", fullgraph=True) with a static
   cache (same shapes and tensor addresses at every token): one CUDA graph replayed per token on CUDA.
   The prefill stays eager (its length varies from prompt to prompt).
@@ -70,7 +72,7 @@ class TokenReader:
         host = torch.empty(token.shape, dtype=token.dtype, pin_memory=True)
         host.copy_(token, non_blocking=True)
         event = torch.cuda.Event()
-        event.record()
+        event.record(torch.cuda.current_stream(token.device))  # the copy's stream, whatever device is current
         return host, event
 
     def read(self, pending) -> int:
@@ -123,11 +125,11 @@ def has_sliding_layers(model) -> bool:
     return any(getattr(layer, "is_sliding", False) for layer in StaticCache(config=model.config, max_cache_len=1).layers)
 
 
-def new_cache(model, keyword: str | None, static: bool, max_length: int):
+def new_cache(model, keyword: str | None, static: bool, max_length: int, batch_size: int = 1):
     from qlora.kv_cache import KVCache, StaticKVCache
 
     if keyword is None:
-        return StaticKVCache.for_model(model, max_length) if static else KVCache()
+        return StaticKVCache.for_model(model, max_length, batch_size) if static else KVCache()
     if not static:
         return None  # transformers makes its DynamicCache on the first call
     from transformers import StaticCache
@@ -151,11 +153,11 @@ class Decoder:
         self.temperature = torch.tensor(float(temperature), device=self.device)
         self.top_p = torch.tensor(float(top_p), device=self.device)
         self.keyword = cache_keyword(model)
-        self.static = bool(compile) or cache_implementation == "static"
-        if compile:
-            max_length = compiled_cache_length(model, max_length)
-        self.cache = new_cache(model, self.keyword, self.static, max_length)
-        self.compiled = torch.compile(self.choose_next, **compile_options(compile)) if compile else None
+        compiling = compile is not False and compile is not None  # {} means the default options
+        self.static = compiling or cache_implementation == "static"
+        self.max_length = compiled_cache_length(model, max_length) if compiling else max_length
+        self.cache = self.vocab = None  # sized by prefill: its batch, the logits' width
+        self.compiled = torch.compile(self.choose_next, **compile_options(compile)) if compiling else None
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits [batch, vocab] of the last of the new tokens; the cache takes them all."""
@@ -176,7 +178,10 @@ class Decoder:
         return sampling_noise(torch.Size((batch, vocab)), self.device, self.generator)
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.vocab is None:
+            self.cache = new_cache(self.model, self.keyword, self.static, self.max_length, ids.shape[0])
         logits = self.logits(ids)
+        self.vocab = logits.shape[-1]  # not the output layer's weight: a quantised lm_head packs it
         return select_tokens(logits, self.noise(*logits.shape), self.temperature, self.top_p)
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -184,7 +189,7 @@ class Decoder:
             return self.prefill(token)
         if self.keyword is None:
             self.cache.reserve(token.shape[-1])  # the host bounds check the graph leaves out
-        noise = self.noise(token.shape[0], self.model.get_output_embeddings().weight.shape[0])
+        noise = self.noise(token.shape[0], self.vocab)
         torch.compiler.cudagraph_mark_step_begin()
         # A copy: the next replay overwrites the graph's output buffer.
         return self.compiled(token, noise, self.temperature, self.top_p).clone()
@@ -194,19 +199,22 @@ class Decoder:
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  generator: torch.Generator | None = None, stop_ids: tuple[int, ...] = (),
                  cache_implementation: str = "dynamic", compile: bool | dict = False):
-    """Yield new token ids one at a time (a stop token is yielded, then generation ends). The host
-    reads each token while the step after it runs (see the module's notes)."""
+    """Yield new token ids one at a time (a stop token is yielded, then generation ends). On CUDA the
+    host reads each token while the step after it runs (see the module's notes)."""
     decoder = Decoder(model, len(prompt_ids) + max_new_tokens - 1, temperature, top_p, generator,
                       cache_implementation, compile)
     reader = TokenReader(decoder.device)
     token = decoder.prefill(torch.tensor([prompt_ids], dtype=torch.long, device=decoder.device))
     pending = reader.queue(token)
+    ahead = reader.cuda  # elsewhere a step runs when called: read first, nothing to overlap
     for step in range(max_new_tokens):
         last = step == max_new_tokens - 1
-        if not last:
+        if ahead and not last:
             token = decoder.step(token)  # queued before the current token is read
         value = reader.read(pending)
         yield value
         if value in stop_ids or last:
             return
+        if not ahead:
+            token = decoder.step(token)
         pending = reader.queue(token)

@@ -161,19 +161,37 @@ def test_compiled_sampling_reproduces_the_eager_samples_with_the_seed():
     assert eager != list(generate_ids(model, prompt, 8))  # it did sample
 
 
-def test_host_reads_each_token_after_the_next_step_is_queued(monkeypatch):
-    # The loop's order: step t+1 is queued before token t is read, and a stop token costs one extra step.
+@pytest.mark.parametrize("ahead", [True, False], ids=["cuda", "cpu"])
+def test_read_order_overlaps_on_cuda_and_times_truthfully_elsewhere(monkeypatch, ahead):
+    # On CUDA step t+1 is queued before token t is read (a stop token costs one extra step); where a step
+    # runs when called, each token is read before the next step (else the prefill timing takes a step).
     model = nf4_llama()
     events = []
-    real_step, real_read = Decoder.step, TokenReader.read
+    real_step = Decoder.step
     monkeypatch.setattr(Decoder, "step", lambda self, token: events.append("step") or real_step(self, token))
-    monkeypatch.setattr(TokenReader, "read",
-                        lambda self, pending: events.append("read") or real_read(self, pending))
+    monkeypatch.setattr(TokenReader, "__init__", lambda self, device: setattr(self, "cuda", ahead))
+    monkeypatch.setattr(TokenReader, "queue", lambda self, token: token)
+    monkeypatch.setattr(TokenReader, "read", lambda self, pending: events.append("read") or int(pending.view(-1)[0]))
     tokens = list(generate_ids(model, [1, 2, 3], 4))
-    assert events == ["step", "read"] * 3 + ["read"]
+    assert events == (["step", "read"] * 3 + ["read"] if ahead else ["read", "step"] * 3 + ["read"])
     events.clear()
     assert list(generate_ids(model, [1, 2, 3], 4, stop_ids=(tokens[1],)))[-1] == tokens[1]
-    assert events == ["step", "read", "step", "read"]
+    assert events == (["step", "read", "step", "read"] if ahead else ["read", "step", "read"])
+
+
+def test_compiled_sampling_with_a_quantised_lm_head_and_a_batch_of_two():
+    # The vocabulary comes from the logits (a quantised lm_head's weight is packed bytes), and the static
+    # cache takes the prompt's batch.
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    model = prepare_model(model, r=4, compute_dtype=torch.float32, skip=(), verbose=False).eval()
+    assert model.lm_head.weight.shape[0] != CONFIG["vocab_size"]
+    decoder = Decoder(model, 12, temperature=0.9, generator=torch.Generator().manual_seed(3),
+                      compile={"backend": "eager"})
+    token = decoder.prefill(torch.tensor([[1, 2, 3], [4, 5, 6]]))
+    for _ in range(3):
+        token = decoder.step(token)
+        assert token.shape == (2, 1) and int(token.max()) < CONFIG["vocab_size"]
 
 
 def multinomial_next_token(logits, temperature, top_p, generator):
