@@ -15,15 +15,34 @@ import torch
 import torch.nn.functional as F
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """SDPA of q [batch, heads, new, dim] over k, v [batch, kv_heads, total, dim], heads a multiple of
+    kv_heads (grouped-query attention: query head h reads kv head h // (heads // kv_heads), as
+    transformers' repeat_kv). allowed: a [new, total] mask, or causal. A decode step (no causal mask)
+    groups the query heads of each kv head as rows of one attention instead of copying K and V per
+    query head: with a long cache that copy would cost more memory traffic than the step's weights."""
+    rep = q.shape[1] // k.shape[1]
+    if rep == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal)
+    if causal:  # the causal fast path needs one row per position: expand K and V (a prefill, once)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=True)
+    batch, heads, new, dim = q.shape
+    grouped = q.reshape(batch, k.shape[1], rep * new, dim)  # rows: (rep, new), rep-major
+    mask = None if allowed is None else allowed.repeat(rep, 1)
+    out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask)
+    return out.reshape(batch, heads, new, dim)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of the last q.shape[-2] positions over all k.shape[-2] (earlier ones cached)."""
     new, total = q.shape[-2], k.shape[-2]
     if new == total:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return attention(q, k, v, causal=True)
     if new == 1:  # one new token sees everything before it
-        return F.scaled_dot_product_attention(q, k, v)
-    allowed = torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return attention(q, k, v)
+    return attention(q, k, v, torch.ones(new, total, dtype=torch.bool, device=q.device).tril(total - new))
 
 
 class KVCache:
@@ -119,7 +138,7 @@ class StaticKVCache:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Each new token sees the slots up to its own position: earlier tokens, never unwritten slots.
         allowed = self.slots[None, :] <= self.positions(q.shape[-2])[:, None]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return attention(q, k, v, allowed)
 
     def advance(self, count: int) -> None:
         """After every layer has written: the next forward starts `count` positions later."""

@@ -219,10 +219,7 @@ class Attention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)
-        if self.config.n_rep > 1:
-            # Expanding K/V (as transformers does) works with every SDPA backend; enable_gqa does not.
-            k = k.repeat_interleave(self.config.n_rep, dim=1)
-            v = v.repeat_interleave(self.config.n_rep, dim=1)
+        # K and V keep their kv heads: attention groups the query heads over them (kv_cache.attention).
         out = cache.attend(q, k, v) if cache is not None else causal_attention(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 

@@ -133,8 +133,31 @@ def test_compiled_decode_step_is_one_graph_with_no_recompile_and_no_host_sync():
     assert len(capture.graphs) == 1 and counters["stats"]["unique_graphs"] == 1  # fullgraph: one graph, no breaks
     targets = capture.targets()
     assert "qlora.nf4_linear" in targets
+    # Grouped-query attention (4 query heads on 2 kv heads) reads the cache as it is: no per-token copy
+    # of the whole preallocated K and V for each query head.
+    assert CONFIG["num_attention_heads"] > CONFIG["num_key_value_heads"]
+    assert not {t for t in targets if "repeat_interleave" in t or "expand" in t}, targets
     assert not capture.host_reads()
     assert capture.cache_writes() == 2 * CONFIG["num_hidden_layers"] + 1  # keys, values, the length
+
+
+@pytest.mark.parametrize("new, total", [(1, 37), (5, 37), (37, 37)])
+def test_grouped_query_attention_equals_expanded_kv(new, total):
+    # Query head h reads kv head h // 4, as transformers' repeat_kv gives it; float64 against the
+    # expanded reference, for a decode step, a chunk after a cache, a prefill, and the static cache's mask.
+    from qlora.kv_cache import attention, causal_attention
+
+    g = torch.Generator().manual_seed(new)
+    q = torch.randn(2, 8, new, 16, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, total, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    allowed = torch.ones(new, total, dtype=torch.bool).tril(total - new)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                            attn_mask=allowed)
+    torch.testing.assert_close(causal_attention(q, k, v), want, rtol=1e-12, atol=1e-12)
+    allowed[:, -3:] = False  # unwritten slots of a static cache
+    want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                                            attn_mask=allowed)
+    torch.testing.assert_close(attention(q, k, v, allowed), want, rtol=1e-12, atol=1e-12)
 
 
 def test_a_host_read_inside_a_step_would_be_seen():
