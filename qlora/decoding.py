@@ -16,11 +16,14 @@ Choices, and why:
   is read before the next step runs, and timings stay per token.
 - `compile` wraps the decode step in torch.compile(mode="reduce-overhead", fullgraph=True) with a static
   cache (same shapes and tensor addresses at every token): one CUDA graph replayed per token on CUDA.
-  The prefill stays eager (its length varies from prompt to prompt).
+  The prefill stays eager (its length varies from prompt to prompt). The static cache stays with the
+  model for the next generation of the same shape (one per model, as transformers keeps its own), so
+  the graphs recorded over its buffers replay instead of recording again.
 """
 from __future__ import annotations
 
 import inspect
+import weakref
 
 import torch
 
@@ -137,6 +140,27 @@ def new_cache(model, keyword: str | None, static: bool, max_length: int, batch_s
     return StaticCache(config=model.config, max_cache_len=max_length)
 
 
+# A compiled step's static cache, kept per model for the next generation (as transformers keeps its
+# own): CUDA graphs recorded over its buffers replay for a later generate() of the same shape, where a
+# new cache (new addresses) would make them record again. One per model (the last shape used), so what
+# stays allocated after generating is one cache. A cache in use by an unfinished generation is never
+# handed out twice: a concurrent one gets its own.
+_kept_caches: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def take_cache(model, keyword: str | None, max_length: int, batch_size: int):
+    key = (keyword, max_length, batch_size)
+    kept_key, cache = _kept_caches.get(model, (None, None))
+    if cache is not None and kept_key == key and not cache._qlora_in_use:
+        cache.reset()
+    else:
+        cache = new_cache(model, keyword, True, max_length, batch_size)
+        if kept_key is None or not _kept_caches[model][1]._qlora_in_use:
+            _kept_caches[model] = (key, cache)
+    cache._qlora_in_use = True
+    return cache
+
+
 class Decoder:
     """The model with its cache: `prefill(ids)` and then `step(token)`, each returning the chosen
     next token as a [batch, 1] device tensor. max_length: the positions the cache must hold."""
@@ -179,10 +203,16 @@ class Decoder:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         if self.vocab is None:
-            self.cache = new_cache(self.model, self.keyword, self.static, self.max_length, ids.shape[0])
+            self.cache = (take_cache(self.model, self.keyword, self.max_length, ids.shape[0]) if self.compiled
+                          else new_cache(self.model, self.keyword, self.static, self.max_length, ids.shape[0]))
         logits = self.logits(ids)
         self.vocab = logits.shape[-1]  # not the output layer's weight: a quantised lm_head packs it
         return select_tokens(logits, self.noise(*logits.shape), self.temperature, self.top_p)
+
+    def close(self) -> None:
+        """The generation is over: a kept cache may serve the next one."""
+        if self.compiled is not None and self.cache is not None:
+            self.cache._qlora_in_use = False
 
     def step(self, token: torch.Tensor) -> torch.Tensor:
         if self.compiled is None:
@@ -204,17 +234,22 @@ def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature:
     decoder = Decoder(model, len(prompt_ids) + max_new_tokens - 1, temperature, top_p, generator,
                       cache_implementation, compile)
     reader = TokenReader(decoder.device)
-    token = decoder.prefill(torch.tensor([prompt_ids], dtype=torch.long, device=decoder.device))
-    pending = reader.queue(token)
-    ahead = reader.cuda  # elsewhere a step runs when called: read first, nothing to overlap
-    for step in range(max_new_tokens):
-        last = step == max_new_tokens - 1
-        if ahead and not last:
-            token = decoder.step(token)  # queued before the current token is read
-        value = reader.read(pending)
-        yield value
-        if value in stop_ids or last:
-            return
-        if not ahead:
-            token = decoder.step(token)
+    try:
+        token = decoder.prefill(torch.tensor([prompt_ids], dtype=torch.long, device=decoder.device))
         pending = reader.queue(token)
+        ahead = reader.cuda  # elsewhere a step runs when called: read first, nothing to overlap
+        for step in range(max_new_tokens):
+            last = step == max_new_tokens - 1
+            if ahead and not last:
+                token = decoder.step(token)  # queued before the current token is read
+            value = reader.read(pending)
+            if value in stop_ids or last:
+                decoder.close()  # before the last yield: a caller that stops reading here need not close us
+                yield value
+                return
+            yield value
+            if not ahead:
+                token = decoder.step(token)
+            pending = reader.queue(token)
+    finally:  # also when the caller stops early (the generator is closed)
+        decoder.close()

@@ -140,6 +140,11 @@ class StaticKVCache:
         allowed = self.slots[None, :] <= self.positions(q.shape[-2])[:, None]
         return attention(q, k, v, allowed)
 
+    def reset(self) -> None:
+        """Empty again, the same tensors (addresses) kept: slots past `length` are masked, not zeroed."""
+        self.length.zero_()
+        self.seen = 0
+
     def advance(self, count: int) -> None:
         """After every layer has written: the next forward starts `count` positions later."""
         self.length.add_(count)

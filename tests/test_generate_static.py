@@ -322,3 +322,27 @@ def test_transformers_families_give_the_same_tokens_with_their_static_cache(fami
     prompt = [5, 9, 2, 7, 1, 8]
     static = list(generate_ids(model, prompt, 8, cache_implementation="static"))
     assert static == list(generate_ids(model, prompt, 8)) == greedy_reference(model, prompt, 8)
+
+
+def test_compiled_generations_reuse_one_cache_and_never_share_it():
+    # A kept cache (same addresses) lets CUDA graphs replay for the next generate(); two generations
+    # running at once must not write into the same one.
+    from qlora import decoding
+
+    model = nf4_llama()
+    prompt = [3, 1, 4, 1, 5]
+    want = list(generate_ids(model, prompt, 6))
+    options = dict(compile={"backend": "eager"})
+    assert list(generate_ids(model, prompt, 6, **options)) == want
+    (_, first) = decoding._kept_caches[model]
+    assert list(generate_ids(model, prompt[:3], 6, **options)) == list(generate_ids(model, prompt[:3], 6))
+    assert decoding._kept_caches[model][1] is first and not first._qlora_in_use  # same bucket: reused, released
+    a, b = generate_ids(model, prompt, 6, **options), generate_ids(model, prompt, 6, **options)
+    together = [(next(a), next(b)) for _ in range(6)]  # interleaved: each needs its own cache
+    assert [x for x, _ in together] == want and [y for _, y in together] == want
+    assert not first._qlora_in_use  # released with the last token
+    early = generate_ids(model, prompt, 6, **options)
+    next(early)
+    assert first._qlora_in_use
+    early.close()  # stopping early releases it
+    assert not first._qlora_in_use
