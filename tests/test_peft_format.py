@@ -20,18 +20,22 @@ BIAS = PREFIX + "model.layers.1.self_attn.v_proj.base_layer.bias"
 SAVED_MODULE = PREFIX + "lm_head.weight"
 
 
-@pytest.fixture(scope="module")
-def adapter_dir(tmp_path_factory):
-    """An adapter with every kind of tensor: linear and embedding LoRA, lora_only biases, lm_head saved whole."""
+def adapted_model(seed: int):
+    """Every kind of trained tensor: linear and embedding LoRA, lora_only biases, lm_head saved whole."""
     model = prepare_model(tiny_model("qwen2"), target_modules=["q_proj", "v_proj", "embed_tokens"], r=4,
                           dropout=0.0, bias="lora_only", modules_to_save=["lm_head"], compute_dtype=torch.float32,
                           verbose=False)
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     for p in model.parameters():
         if p.requires_grad:
             nn.init.normal_(p, std=0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("adapter")
-    save_adapter(model, directory)
+    save_adapter(adapted_model(5), directory)
     return directory
 
 
@@ -112,13 +116,7 @@ def test_a_bad_file_leaves_the_model_untouched(adapter_dir, tmp_path, case, word
 def test_a_merged_layer_is_refused(adapter_dir, merged_layer):
     # Loading into a merged layer would leave the old delta in its weight (the new factors unused) and a
     # later unmerge() would subtract the new delta from it: the base weight lost for good.
-    model = prepare_model(tiny_model("qwen2"), target_modules=["q_proj", "v_proj", "embed_tokens"], r=4,
-                          dropout=0.0, bias="lora_only", modules_to_save=["lm_head"], compute_dtype=torch.float32,
-                          verbose=False)
-    torch.manual_seed(7)
-    for p in model.parameters():
-        if p.requires_grad:
-            nn.init.normal_(p, std=0.05)
+    model = adapted_model(7)
     model.get_submodule(merged_layer).merge()
     before = snapshot(model)
     with pytest.raises(ValueError, match=f"the model's {merged_layer} is merged; unmerge"):
