@@ -123,3 +123,29 @@ def test_disable_adapter_warns_that_modules_to_save_stay_trained():
     with pytest.warns(UserWarning, match=r"lm_head, biases \(bias='lora_only'\) stay as trained"):
         with saved.disable_adapter():
             pass
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "gemma", "gemma2", "gpt2"])
+def test_disable_adapter_gives_the_base_logits_for_each_family(family, dtype):
+    # Every adapter of the models users bring (4-bit linears or GPT-2's Conv1D, the embedding; tied or
+    # untied heads) off inside the block: the dequantised base's logits; after it, the adapted ones.
+    pytest.importorskip("transformers")
+    from hf_families import dequantised_base, logits, tiny_model, tokens
+    from qlora.model import prepare_model
+
+    targets = ["c_attn", "c_proj", "wte"] if family == "gpt2" else ["o_proj", "down_proj", "embed_tokens"]
+    model = prepare_model(tiny_model(family, dtype), target_modules=targets, r=4, dropout=0.0, compute_dtype=dtype,
+                          verbose=False)
+    assert any(isinstance(m, LoRAEmbedding) for m in model.modules())
+    torch.manual_seed(3)
+    for p in model.parameters():
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.05)
+    ids = tokens()
+    adapted, base = logits(model, ids), logits(dequantised_base(model), ids)
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=0, atol=0)
+    assert (adapted - base).abs().max() > 1e-2
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model, ids), base, **tolerance)
+    torch.testing.assert_close(logits(model, ids), adapted, **tolerance)
